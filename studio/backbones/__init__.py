@@ -1,0 +1,92 @@
+"""Backbone registry: names users type, mapped to a model family and a checkpoint.
+
+Besides the names below, any local folder or Hugging Face repo id holding a diffusers
+``FluxPipeline`` or ``StableDiffusion3Pipeline`` works; its family is read from
+``model_index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InputError
+
+KNOWN_BACKBONES: dict[str, tuple[str, str]] = {
+    "tiny": ("flux", ""),  # built locally on first use, see tiny.py
+    "flux-dev": ("flux", "black-forest-labs/FLUX.1-dev"),
+    "sd3.5-large": ("sd3", "stabilityai/stable-diffusion-3.5-large"),
+    "sd3.5-medium": ("sd3", "stabilityai/stable-diffusion-3.5-medium"),
+}
+PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where a backbone comes from, resolved without loading any weights."""
+
+    backbone_id: str
+    family: str
+    source: str  # local folder or hub repo id
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.backbone_id == "tiny"
+
+
+def _read_model_index(source: str) -> dict | None:
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else None
+    if "/" not in source or source.count("/") > 1:
+        return None
+    try:  # a hub repo id: only the small index file is fetched (or read from the local cache)
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "model_index.json")).read_text())
+    except Exception:  # offline, gated, missing: all mean "not usable here"
+        return None
+
+
+def resolve(backbone_id: str) -> BackboneSpec:
+    """Resolve a backbone name, folder or hub id; InputError if it is not a supported pipeline."""
+    backbone_id = (backbone_id or "").strip()
+    if backbone_id in KNOWN_BACKBONES:
+        family, source = KNOWN_BACKBONES[backbone_id]
+        if backbone_id != "tiny":
+            index = _read_model_index(source)
+            if index is None:
+                raise InputError(
+                    f"backbone {backbone_id!r} ({source}) is not available here: log in with "
+                    "`hf auth login`, accept its licence on the Hub and download it, or use --backbone tiny"
+                )
+        return BackboneSpec(backbone_id, family, source)
+    index = _read_model_index(backbone_id) if backbone_id else None
+    family = PIPELINE_FAMILIES.get((index or {}).get("_class_name", ""))
+    if family is None:
+        names = ", ".join(KNOWN_BACKBONES)
+        raise InputError(
+            f"unknown backbone {backbone_id!r}: use one of {names}, or a folder / hub id of a "
+            "FluxPipeline or StableDiffusion3Pipeline"
+        )
+    return BackboneSpec(backbone_id, family, str(Path(backbone_id).expanduser()) if
+                        Path(backbone_id).expanduser().is_dir() else backbone_id)
+
+
+def load_backbone(backbone_id: str, device=None, precision: str = "auto"):
+    """Load a backbone's pipeline once; callers keep the returned object warm."""
+    from .flux import FluxBackbone
+    from .sd3 import SD3Backbone
+
+    spec = resolve(backbone_id)
+    if spec.is_tiny:
+        from .tiny import TINY_DEFAULT_RESOLUTION, TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_flux
+
+        return FluxBackbone.load(
+            "tiny", str(ensure_tiny_flux()), device=device, precision=precision,
+            default_resolution=TINY_DEFAULT_RESOLUTION, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+        )
+    cls = FluxBackbone if spec.family == "flux" else SD3Backbone
+    return cls.load(spec.backbone_id, spec.source, device=device, precision=precision)

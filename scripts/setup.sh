@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates .venv and installs what the studio needs. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -d .venv ] || "$PYTHON" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+# A plain "torch" would pull a multi-GB CUDA build on machines without one; pin a build only when
+# torch is missing (GPU users can install their own CUDA build first).
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+python -m pip install -q -r requirements.txt
+if [ "${1:-}" = "--dev" ]; then
+  python -m pip install -q -r requirements-dev.txt
+fi

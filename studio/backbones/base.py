@@ -1,0 +1,158 @@
+"""What every model family provides to the trainer and the generator."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+Cond = dict[str, torch.Tensor]  # a prompt's text conditioning, family-specific keys
+
+
+@dataclass
+class LatentDist:
+    """A reference image's VAE posterior, normalised to the transformer's latent space."""
+
+    mean: torch.Tensor  # (1, C, h, w)
+    std: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+
+def default_device() -> torch.device:
+    """The first CUDA GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """bf16 on GPUs (the paper's precision), fp32 on the CPU."""
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision != "auto":
+        return table[precision]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Backbone(ABC):
+    """A loaded text-to-image pipeline plus the family knowledge the method needs.
+
+    Subclasses implement text encoding, latent encoding and one velocity prediction; the
+    trainer and generator only talk to this interface.
+    """
+
+    family: str = ""
+    pipeline_class: type = object
+    lora_targets: tuple[str, ...] = ()
+    default_resolution: int = 512
+    default_steps: int = 28  # paper: 28 denoising steps at inference
+    default_guidance: float = 7.0  # paper: guidance 7.0 at inference
+    max_sequence_length: int = 512
+
+    def __init__(self, backbone_id: str, source: str, pipe, device: torch.device, dtype: torch.dtype):
+        self.backbone_id = backbone_id
+        self.source = source
+        self.pipe = pipe
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, backbone_id: str, source: str, device: torch.device | None = None,
+             precision: str = "auto", **settings) -> Backbone:
+        """Load the pipeline from a local folder or hub id with ``from_pretrained``."""
+        device = device or default_device()
+        dtype = default_dtype(device, precision)
+        pipe = cls.pipeline_class.from_pretrained(source, torch_dtype=dtype)
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        backbone = cls(backbone_id, source, pipe, device, dtype)
+        for key, value in settings.items():
+            setattr(backbone, key, value)
+        return backbone
+
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipe.transformer
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE downscale x patch size)."""
+        return max(16, self.vae_scale_factor * 2)
+
+    # -- encoding, done once per job ------------------------------------------------------
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> list[Cond]:
+        """Text conditioning for each prompt (batch 1 each), on the backbone's device."""
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image]) -> list[LatentDist]:
+        """VAE-encode RGB images to normalised latent distributions ``(z - shift) * scale``."""
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scale = vae.config.scaling_factor
+        out = []
+        for img in images:
+            pixels = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+            pixels = pixels.permute(2, 0, 1)[None].to(self.device, vae.dtype)
+            dist = vae.encode(pixels).latent_dist
+            out.append(LatentDist(mean=((dist.mean - shift) * scale).float(), std=(dist.std * scale).float()))
+        return out
+
+    # -- the training step ----------------------------------------------------------------
+
+    @abstractmethod
+    def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
+                         guidance: float = 1.0) -> torch.Tensor:
+        """The transformer's velocity prediction for unpacked latents ``x_t`` (B, C, h, w)."""
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    @abstractmethod
+    def pipeline_kwargs(self, cond: Cond, negative: Cond | None, guidance: float) -> dict:
+        """Keyword arguments that make the diffusers pipeline use precomputed embeddings."""
+
+    def negative_prompt(self) -> str | None:
+        """The prompt encoded for classifier-free guidance, or None if the family needs none."""
+        return None
+
+    @torch.no_grad()
+    def generate(self, cond: Cond, *, seed: int, steps: int | None = None, guidance: float | None = None,
+                 width: int | None = None, height: int | None = None, negative: Cond | None = None,
+                 latents: torch.Tensor | None = None) -> Image.Image:
+        """One image from precomputed conditioning, with the pipeline's own sampler."""
+        size = self.default_resolution
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        guidance = self.default_guidance if guidance is None else guidance
+        result = self.pipe(
+            **self.pipeline_kwargs(cond, negative, guidance),
+            num_inference_steps=steps or self.default_steps,
+            width=width or size, height=height or size,
+            generator=generator, latents=latents, output_type="pil",
+        )
+        return result.images[0]
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def offload_encoders(self) -> None:
+        """Move the text encoders and the VAE encoder off the GPU while training runs."""
+        if self.device.type == "cpu":
+            return
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.to("cpu")
+        self.pipe.vae.encoder.to("cpu")
+        torch.cuda.empty_cache()
+
+    def restore_encoders(self) -> None:
+        """Bring everything back onto the backbone's device (for generation with raw prompts)."""
+        if self.device.type != "cpu":
+            self.pipe.to(self.device)

@@ -1,0 +1,159 @@
+"""Text-to-image with a style template on a warm backbone.
+
+The base pipeline stays loaded; templates' LoRAs are swapped in and out with diffusers'
+``load_lora_weights`` / ``set_adapters`` / ``delete_adapters``, never by reloading the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .backbones.base import Backbone
+from .errors import InputError
+from .images import validate_prompt
+from .training import style_caption
+
+# Aspect presets: width:height ratios, sized to the backbone's pixel budget.
+ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3),
+           "16:9": (16, 9), "9:16": (9, 16), "2:1": (2, 1), "1:2": (1, 2)}
+MAX_IMAGES = 8
+
+
+@dataclass
+class GenerateOptions:
+    """One text-to-image request. ``None`` means the backbone's / paper's default."""
+
+    prompt: str
+    lora_scale: float = 1.0
+    seed: int = 0
+    steps: int | None = None  # paper: 28
+    guidance: float | None = None  # paper: 7.0
+    aspect: str = "1:1"
+    resolution: int | None = None  # pixel budget side; None: the template's training resolution
+    width: int | None = None  # explicit size wins over aspect/resolution
+    height: int | None = None
+    num_images: int = 1
+    wrap_style: bool = True  # "{prompt} in {style} style", as in training
+
+    def validate(self) -> GenerateOptions:
+        self.prompt = validate_prompt(self.prompt, "prompt", max_chars=1000)
+        if self.aspect not in ASPECTS:
+            raise InputError(f"unknown aspect {self.aspect!r}; choose one of {', '.join(ASPECTS)}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise InputError(f"number of images must be between 1 and {MAX_IMAGES}")
+        if self.steps is not None and not 1 <= self.steps <= 200:
+            raise InputError("steps must be between 1 and 200")
+        if not -4.0 <= self.lora_scale <= 4.0:
+            raise InputError("LoRA strength must be between -4 and 4")
+        for side in (self.width, self.height):
+            if side is not None and not 32 <= side <= 2048:
+                raise InputError("width and height must be between 32 and 2048")
+        return self
+
+
+def size_for_aspect(aspect: str, resolution: int, multiple: int = 16) -> tuple[int, int]:
+    """Width and height with the given aspect whose area is about ``resolution**2``."""
+    aw, ah = ASPECTS[aspect]
+    scale = (resolution * resolution / (aw * ah)) ** 0.5
+    width = max(multiple, int(aw * scale) // multiple * multiple)
+    height = max(multiple, int(ah * scale) // multiple * multiple)
+    return width, height
+
+
+def final_prompt(prompt: str, style_prompt: str | None, wrap: bool = True) -> str:
+    """The prompt sent to the model: wrapped in the template's style unless the user opts out."""
+    if wrap and style_prompt and not prompt.rstrip(". ").endswith(f"in {style_prompt} style"):
+        return style_caption(prompt, style_prompt)
+    return prompt
+
+
+def adapter_name(template_path: Path) -> str:
+    """A stable peft adapter name for a template folder."""
+    return "t_" + hashlib.sha1(str(Path(template_path).resolve()).encode()).hexdigest()[:12]
+
+
+def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) -> None:
+    """Make exactly these (template folder, scale) LoRAs active; load only what is missing."""
+    pipe = backbone.pipe
+    wanted = {adapter_name(path): (path, scale) for path, scale in templates}
+    loaded = set(getattr(backbone.transformer, "peft_config", {}) or {})
+    stale = sorted(loaded - set(wanted))
+    if stale:
+        pipe.delete_adapters(stale)
+    for name, (path, _) in wanted.items():
+        if name not in loaded:
+            try:
+                pipe.load_lora_weights(str(path), weight_name="lora.safetensors", adapter_name=name)
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise InputError(f"template {Path(path).name!r} does not fit this backbone: {exc}") from exc
+    if wanted:
+        pipe.set_adapters(list(wanted), adapter_weights=[scale for _, scale in wanted.values()])
+
+
+def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
+             template: tuple[Path, dict] | None = None, stem: str = "image") -> list[Path]:
+    """Generate ``options.num_images`` PNGs (seeds ``seed, seed+1, ...``) into ``out_dir``.
+
+    ``template`` is ``(folder, template.json dict)`` or None for the bare base model. Each PNG
+    carries its generation parameters in PNG text chunks ("parameters" and "studio").
+    """
+    options.validate()
+    style = None
+    resolution = options.resolution or backbone.default_resolution
+    if template is not None:
+        folder, meta = template
+        if meta.get("family") and meta["family"] != backbone.family:
+            raise InputError(f"template {meta.get('name')!r} was trained for {meta['family']}, "
+                             f"not for the loaded {backbone.family} backbone")
+        style = meta.get("style_prompt")
+        resolution = options.resolution or meta.get("recipe", {}).get("resolution") or resolution
+        activate_templates(backbone, [(folder, options.lora_scale)])
+    else:
+        activate_templates(backbone, [])
+    width, height = size_for_aspect(options.aspect, resolution, backbone.size_multiple)
+    width, height = options.width or width, options.height or height
+    if width % backbone.size_multiple or height % backbone.size_multiple:
+        raise InputError(f"width and height must be multiples of {backbone.size_multiple}")
+    prompt = final_prompt(options.prompt, style, options.wrap_style)
+    steps = options.steps or backbone.default_steps
+    guidance = backbone.default_guidance if options.guidance is None else options.guidance
+    conds = backbone.encode_prompts([prompt])
+    negative = None
+    if backbone.negative_prompt() is not None:
+        negative = backbone.encode_prompts([backbone.negative_prompt()])[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for k in range(options.num_images):
+        seed = options.seed + k
+        image = backbone.generate(conds[0], seed=seed, steps=steps, guidance=guidance,
+                                  width=width, height=height, negative=negative)
+        params = {**asdict(options), "seed": seed, "steps": steps, "guidance": guidance,
+                  "width": width, "height": height, "final_prompt": prompt,
+                  "backbone": backbone.backbone_id,
+                  "template": template[1].get("id") if template else None}
+        path = out_dir / f"{stem}_{seed}.png"
+        save_png(image, path, params)
+        files.append(path)
+    return files
+
+
+def save_png(image: Image.Image, path: Path, params: dict) -> None:
+    """Save a PNG atomically with its generation parameters in text chunks."""
+    info = PngInfo()
+    info.add_text("parameters", (
+        f"{params['final_prompt']}\nSteps: {params['steps']}, Sampler: flow-match Euler, "
+        f"Guidance: {params['guidance']}, Seed: {params['seed']}, "
+        f"Size: {params['width']}x{params['height']}, LoRA: {params.get('template')} "
+        f"@ {params.get('lora_scale')}, Model: {params.get('backbone')}"
+    ))
+    info.add_text("studio", json.dumps(params))
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)

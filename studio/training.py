@@ -1,0 +1,385 @@
+"""Fine-tune a style LoRA with the Style-friendly SNR sampler.
+
+Read top to bottom: prepare the run folder (normalised references, request), encode the
+prompts and reference latents once, attach the LoRA, then loop over optimiser steps. Each
+micro-step draws ``t`` from the recipe's sampler, noises a reference latent
+``x_t = (1 - t) x_0 + t eps`` and regresses the transformer's velocity on ``eps - x_0``
+(plain MSE: no weighting, no preconditioning). Every step is reported to an observer;
+previews and checkpoints are written every N steps, and a resumed run repeats the
+uninterrupted one because every random draw is seeded from (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from . import snr
+from .backbones.base import Backbone
+from .errors import CancelledError
+from .images import fit_to_budget, make_thumbnail
+from .recipe import Recipe
+
+ADAPTER = "studio_train"
+# A few of the paper's evaluation prompts (appendix C.2), wrapped in the style prompt.
+PREVIEW_PROMPTS = ("A friendly robot", "A baby penguin", "An espresso machine")
+PREVIEW_SEED = 1234
+
+
+@dataclass
+class TrainRequest:
+    """What the user asked for: references, style prompt, template name and recipe."""
+
+    images: list[Image.Image]
+    style_prompt: str
+    name: str
+    recipe: Recipe = field(default_factory=Recipe)
+    captions: list[str | None] | None = None  # optional content caption per reference image
+
+
+@dataclass
+class StepReport:
+    """Progress after one optimiser step, handed to the observer and written to metrics.jsonl."""
+
+    step: int
+    total: int
+    loss: float
+    t: list[float]
+    lr: float
+    sec_per_step: float
+    eta_s: float
+    peak_mem: int  # bytes: GPU peak on CUDA, process peak RSS on the CPU
+
+
+class Observer:
+    """Receives training progress. Subclass and override what you need."""
+
+    def on_step(self, report: StepReport) -> None: ...
+
+    def on_preview(self, step: int, files: list[Path]) -> None: ...
+
+    def on_checkpoint(self, step: int) -> None: ...
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def style_caption(content: str, style_prompt: str) -> str:
+    """The paper's prompt template: ``"{content} in {style prompt} style"``."""
+    return f"{content} in {style_prompt} style"
+
+
+def preview_prompts(recipe: Recipe) -> list[str]:
+    """Content prompts previewed during training (the user's own first)."""
+    extra = [recipe.preview_prompt] if recipe.preview_prompt else []
+    return extra + list(PREVIEW_PROMPTS)
+
+
+def prepare_run(request: TrainRequest, run_dir: Path, backbone_id: str, family: str,
+                default_resolution: int) -> None:
+    """Write the normalised references and the request into ``run_dir`` (once per run)."""
+    if (run_dir / "request.json").exists():
+        return
+    recipe = request.recipe
+    resolution = recipe.resolution or default_resolution
+    refs = run_dir / "references"
+    refs.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, img in enumerate(request.images):
+        name = f"ref_{i:02d}.png"
+        fit_to_budget(img, resolution).save(refs / name)
+        names.append(name)
+    data = {
+        "name": request.name,
+        "style_prompt": request.style_prompt,
+        "backbone": backbone_id,
+        "family": family,
+        "recipe": {**recipe.to_dict(), "resolution": resolution},
+        "captions": request.captions or [None] * len(names),
+        "references": names,
+    }
+    write_json(run_dir / "request.json", data)
+
+
+def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -> Path:
+    """Run (or resume) the training described by ``run_dir/request.json``.
+
+    Returns ``run_dir/result``: a complete template folder ready for the store.
+    Raises :class:`CancelledError` if the observer asks to stop (the last checkpoint stays).
+    """
+    observer = observer or Observer()
+    request = json.loads((run_dir / "request.json").read_text())
+    recipe = Recipe.from_dict(request["recipe"])
+    sampler = recipe.noise_sampler(backbone.family)
+    transformer = backbone.transformer
+
+    # 1. Encode everything once: prompts (training + previews) and reference latents.
+    images = [Image.open(run_dir / "references" / n).convert("RGB") for n in request["references"]]
+    style = request["style_prompt"]
+    train_prompts = [style_caption(c or recipe.default_content, style) for c in request["captions"]]
+    preview_texts = [style_caption(p, style) for p in preview_prompts(recipe)]
+    conds = backbone.encode_prompts(train_prompts + preview_texts)
+    train_conds, preview_conds = conds[: len(train_prompts)], conds[len(train_prompts):]
+    negative = None
+    if backbone.negative_prompt() is not None:
+        negative = backbone.encode_prompts([backbone.negative_prompt()])[0]
+    latents = backbone.encode_images(images)
+    backbone.offload_encoders()  # text encoders and VAE encoder are not needed any more
+
+    # 2. Attach the LoRA (paper: rank 32, alpha = rank, gaussian init, transformer only).
+    detach_lora(backbone)
+    torch.manual_seed(recipe.seed)
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
+                        target_modules=list(backbone.lora_targets))
+    transformer.add_adapter(config, adapter_name=ADAPTER)
+    transformer.set_adapter(ADAPTER)
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:  # LoRA weights train in fp32 even when the base model is bf16
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=recipe.lr)
+    on_gpu = backbone.device.type == "cuda"
+    checkpointing = on_gpu if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
+    if checkpointing:
+        transformer.enable_gradient_checkpointing()
+    autocast = torch.autocast("cuda", dtype=backbone.dtype, enabled=on_gpu and backbone.dtype != torch.float32)
+
+    start = load_checkpoint(run_dir, transformer, optimizer)
+    metrics_path = run_dir / "metrics.jsonl"
+    truncate_metrics(metrics_path, start)
+    resolution = request["recipe"]["resolution"]
+    preview = PreviewWriter(backbone, run_dir / "previews", preview_conds, negative, resolution,
+                            recipe.preview_steps)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        transformer.eval()
+        if start == 0 and recipe.preview_every:
+            observer.on_preview(0, preview.write(0))  # the base model, before any training
+        transformer.train()
+        loop_start, steps_this_session = time.perf_counter(), 0
+        for step in range(start + 1, recipe.steps + 1):
+            if observer.should_stop():
+                raise CancelledError(f"cancelled at step {step - 1} of {recipe.steps}")
+            t0 = time.perf_counter()
+            generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, ts = torch.zeros((), device=backbone.device), []
+            for micro in range(recipe.grad_accum):
+                i = (step * recipe.grad_accum + micro) % len(latents)
+                x0 = latents[i].sample(generator)
+                t = sampler.sample(1, generator)
+                noise = snr.offset_noise(tuple(x0.shape), recipe.offset_noise, generator).to(x0.device)
+                x_t = snr.add_noise(x0, t.to(x0.device), noise)
+                with autocast:
+                    pred = backbone.predict_velocity(x_t, t, train_conds[i], recipe.train_guidance)
+                loss = F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float())
+                (loss / recipe.grad_accum).backward()
+                loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
+                ts.append(float(t[0]))
+            optimizer.step()
+
+            steps_this_session += 1
+            elapsed = time.perf_counter() - loop_start
+            report = StepReport(
+                step=step, total=recipe.steps, loss=loss_sum.item() / recipe.grad_accum, t=ts, lr=recipe.lr,
+                sec_per_step=time.perf_counter() - t0,
+                eta_s=elapsed / steps_this_session * (recipe.steps - step),
+                peak_mem=peak_memory(on_gpu),
+            )
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(asdict(report)) + "\n")
+            observer.on_step(report)
+            if recipe.preview_every and (step % recipe.preview_every == 0 or step == recipe.steps):
+                transformer.eval()
+                observer.on_preview(step, preview.write(step))
+                transformer.train()
+            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.steps:
+                save_checkpoint(run_dir, transformer, optimizer, step)
+                observer.on_checkpoint(step)
+        return write_result(backbone, run_dir, request, recipe, sampler)
+    finally:
+        if checkpointing:
+            transformer.disable_gradient_checkpointing()
+        transformer.eval()
+        detach_lora(backbone)
+        backbone.restore_encoders()
+        if on_gpu:
+            torch.cuda.empty_cache()
+
+
+def detach_lora(backbone: Backbone) -> None:
+    """Remove every LoRA adapter from the warm transformer."""
+    transformer = backbone.transformer
+    if getattr(transformer, "peft_config", None):
+        transformer.delete_adapters(list(transformer.peft_config))
+
+
+def peak_memory(on_gpu: bool) -> int:
+    """Peak memory in bytes: allocated GPU memory, or the process's peak RSS on the CPU."""
+    if on_gpu:
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class PreviewWriter:
+    """Renders the preview prompts at fixed seeds with the LoRA as it currently is."""
+
+    def __init__(self, backbone: Backbone, folder: Path, conds, negative, resolution: int,
+                 steps: int | None):
+        self.backbone, self.folder, self.conds, self.negative = backbone, folder, conds, negative
+        self.resolution, self.steps = resolution, steps
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int) -> list[Path]:
+        files = []
+        for i, cond in enumerate(self.conds):
+            image = self.backbone.generate(cond, seed=PREVIEW_SEED + i, steps=self.steps,
+                                           width=self.resolution, height=self.resolution,
+                                           negative=self.negative)
+            path = self.folder / f"step_{step:04d}_p{i}.png"
+            image.save(path.with_suffix(".tmp.png"))
+            os.replace(path.with_suffix(".tmp.png"), path)
+            files.append(path)
+        return files
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """Write LoRA weights and Adam state (safetensors, no pickle), replacing the old checkpoint atomically."""
+    tmp = run_dir / "checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    save_file({k: v.detach().float().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
+    state = optimizer.state_dict()["state"]
+    tensors = {f"{i}.{key}": torch.as_tensor(value).reshape(-1).float().contiguous()
+               if key == "step" else value.contiguous()
+               for i, slots in state.items() for key, value in slots.items()}
+    save_file(tensors, tmp / "optimizer.safetensors")
+    write_json(tmp / "state.json", {"step": step})
+    final = run_dir / "checkpoint"
+    old = run_dir / "checkpoint.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the latest checkpoint if there is one; return the step it was taken at."""
+    folder = run_dir / "checkpoint"
+    if not (folder / "state.json").exists() and (run_dir / "checkpoint.old" / "state.json").exists():
+        folder = run_dir / "checkpoint.old"  # crashed between the two renames
+    if not (folder / "state.json").exists():
+        return 0
+    step = json.loads((folder / "state.json").read_text())["step"]
+    set_peft_model_state_dict(transformer, load_file(folder / "lora.safetensors"), adapter_name=ADAPTER)
+    tensors = load_file(folder / "optimizer.safetensors")
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, slot = key.split(".", 1)
+        state.setdefault(int(index), {})[slot] = value.reshape(()) if slot == "step" else value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return int(step)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# -- the result ------------------------------------------------------------------------------
+
+
+def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recipe,
+                 sampler: snr.NoiseSampler) -> Path:
+    """Assemble the finished template folder in ``run_dir/result`` (moved into the store later)."""
+    result = run_dir / "result.tmp"
+    shutil.rmtree(result, ignore_errors=True)
+    result.mkdir()
+    transformer = backbone.transformer
+    lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    backbone.pipeline_class.save_lora_weights(
+        result, transformer_lora_layers={k: v.detach().float().contiguous() for k, v in lora.items()},
+        weight_name="lora.safetensors",
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
+    )
+    shutil.copytree(run_dir / "references", result / "references")
+    previews = sorted((run_dir / "previews").glob("step_*.png")) if (run_dir / "previews").exists() else []
+    if previews:
+        shutil.copytree(run_dir / "previews", result / "previews")
+    shutil.copy(run_dir / "metrics.jsonl", result / "metrics.jsonl")
+    thumb_source = previews[-1] if previews else result / "references" / request["references"][0]
+    make_thumbnail(Image.open(thumb_source).convert("RGB")).save(result / "thumbnail.png")
+    meta = {
+        "format_version": 1,
+        "name": request["name"],
+        "style_prompt": request["style_prompt"],
+        "backbone": backbone.backbone_id,
+        "family": backbone.family,
+        "base_model": backbone.source if backbone.backbone_id != "tiny" else "tiny",
+        "recipe": request["recipe"],
+        "sampler": sampler.describe(),
+        "lora_targets": list(backbone.lora_targets),
+        "steps_done": recipe.steps,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "references": [f"references/{n}" for n in request["references"]],
+        "captions": request["captions"],
+        "previews": [f"previews/{p.name}" for p in previews],
+        "preview_prompts": preview_prompts(recipe),
+        "thumbnail": "thumbnail.png",
+        "final_loss": last_loss(run_dir / "metrics.jsonl"),
+    }
+    write_json(result / "template.json", meta)
+    final = run_dir / "result"
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(result, final)
+    return final
+
+
+def last_loss(path: Path) -> float | None:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1])["loss"] if lines else None
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: temp file in the same folder, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(data, f, indent=2, default=_json_default)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

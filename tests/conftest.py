@@ -1,0 +1,28 @@
+"""Test set-up: no network, a shared cache for the tiny backbone, small shared fixtures."""
+
+import os
+from pathlib import Path
+
+# Before anything imports gradio or huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("STUDIO_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "studio"))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_folder() -> Path:
+    """The tiny FLUX-architecture pipeline folder, built once per cache."""
+    from studio.backbones.tiny import ensure_tiny_flux
+
+    return ensure_tiny_flux()
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tiny_folder):
+    """A warm tiny backbone shared by the tests that train or generate."""
+    from studio.backbones import load_backbone
+
+    return load_backbone("tiny")
