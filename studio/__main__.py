@@ -98,7 +98,7 @@ def cmd_train(args: argparse.Namespace, store) -> int:
 
     # Validate everything before loading a model or writing anything.
     style = validate_prompt(args.style)
-    name = validate_name(args.name or style)
+    name = validate_name(args.name or style[:60])
     images = load_reference_images(args.images)
     if args.captions and len(args.captions) != len(images):
         raise StudioError(f"give one caption per image ({len(images)}), or none")
@@ -109,10 +109,11 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     recipe = Recipe.from_preset(args.preset, **overrides).validate()
     spec = resolve(args.backbone)
 
-    from .training import TrainRequest, prepare_run, train
     from .progress import TqdmObserver
+    from .training import TrainRequest, prepare_run, train
 
-    run_dir = Path(args.run_dir) if args.run_dir else config.runs_dir() / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir = Path(args.run_dir) if args.run_dir else config.runs_dir() / stamp
     print(f"loading backbone {spec.backbone_id} ...", file=sys.stderr)
     backbone = load_backbone(spec.backbone_id, precision=recipe.precision)
     if spec.is_tiny:

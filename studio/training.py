@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from . import snr
-from .backbones.base import Backbone
+from .backbones.base import Backbone, LatentDist
 from .errors import CancelledError
 from .images import fit_to_budget, make_thumbnail
 from .recipe import Recipe
@@ -142,16 +142,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     backbone.offload_encoders()  # text encoders and VAE encoder are not needed any more
 
     # 2. Attach the LoRA (paper: rank 32, alpha = rank, gaussian init, transformer only).
-    detach_lora(backbone)
-    torch.manual_seed(recipe.seed)
-    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
-                        target_modules=list(backbone.lora_targets))
-    transformer.add_adapter(config, adapter_name=ADAPTER)
-    transformer.set_adapter(ADAPTER)
-    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
-    for p in params:  # LoRA weights train in fp32 even when the base model is bf16
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    params = attach_lora(backbone, recipe)
     optimizer = torch.optim.Adam(params, lr=recipe.lr)
     on_gpu = backbone.device.type == "cuda"
     checkpointing = on_gpu if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
@@ -182,13 +173,9 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
             loss_sum, ts = torch.zeros((), device=backbone.device), []
             for micro in range(recipe.grad_accum):
                 i = (step * recipe.grad_accum + micro) % len(latents)
-                x0 = latents[i].sample(generator)
-                t = sampler.sample(1, generator)
-                noise = snr.offset_noise(tuple(x0.shape), recipe.offset_noise, generator).to(x0.device)
-                x_t = snr.add_noise(x0, t.to(x0.device), noise)
                 with autocast:
-                    pred = backbone.predict_velocity(x_t, t, train_conds[i], recipe.train_guidance)
-                loss = F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float())
+                    loss, t = flow_matching_loss(backbone, latents[i], train_conds[i], sampler, generator,
+                                                 recipe.offset_noise, recipe.train_guidance)
                 (loss / recipe.grad_accum).backward()
                 loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
                 ts.append(float(t[0]))
@@ -221,6 +208,37 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
         backbone.restore_encoders()
         if on_gpu:
             torch.cuda.empty_cache()
+
+
+def attach_lora(backbone: Backbone, recipe: Recipe) -> list[torch.nn.Parameter]:
+    """Add a fresh trainable LoRA on the backbone's paper targets; return its parameters."""
+    detach_lora(backbone)
+    transformer = backbone.transformer
+    torch.manual_seed(recipe.seed)  # gaussian init of lora_A is drawn from the global RNG
+    config = LoraConfig(r=recipe.rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
+                        target_modules=list(backbone.lora_targets))
+    transformer.add_adapter(config, adapter_name=ADAPTER)
+    transformer.set_adapter(ADAPTER)
+    params = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    for p in params:  # LoRA weights train in fp32 even when the base model is bf16
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
+def flow_matching_loss(backbone: Backbone, latent: LatentDist, cond, sampler: snr.NoiseSampler,
+                       generator: torch.Generator, offset_noise: float = 0.0,
+                       guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sample's loss ``|| (eps - x0) - v(x_t, t) ||^2`` (paper Eq. 3) and its ``t``.
+
+    Draw order (x0, t, eps) is fixed so a seeded generator reproduces the exact sample.
+    """
+    x0 = latent.sample(generator)
+    t = sampler.sample(1, generator)
+    noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator).to(x0.device)
+    x_t = snr.add_noise(x0, t.to(x0.device), noise)
+    pred = backbone.predict_velocity(x_t, t, cond, guidance)
+    return F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float()), t
 
 
 def detach_lora(backbone: Backbone) -> None:
