@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="fine-tune a style template from reference images")
-    t.add_argument("--images", nargs="+", required=True, help="1 to 20 reference images")
+    t.add_argument("--images", nargs="*", default=[], help="1 to 20 reference images")
     t.add_argument("--style", required=True, help='style prompt, e.g. "watercolor painting"')
     t.add_argument("--name", help="template name (default: from the style prompt)")
     t.add_argument("--captions", nargs="+", help="optional content caption per image")

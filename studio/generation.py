@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from .backbones.base import Backbone
 from .errors import InputError
 from .images import validate_prompt
+from .training import ADAPTER as TRAINING_ADAPTER
 from .training import style_caption
 
 # Aspect presets: width:height ratios, sized to the backbone's pixel budget.
@@ -84,7 +85,8 @@ def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) 
     pipe = backbone.pipe
     wanted = {adapter_name(path): (path, scale) for path, scale in templates}
     loaded = set(getattr(backbone.transformer, "peft_config", {}) or {})
-    stale = sorted(loaded - set(wanted))
+    # A training in progress keeps its adapter; it is only switched off while we generate.
+    stale = sorted(loaded - set(wanted) - {TRAINING_ADAPTER})
     if stale:
         pipe.delete_adapters(stale)
     for name, (path, _) in wanted.items():
@@ -95,6 +97,8 @@ def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) 
                 raise InputError(f"template {Path(path).name!r} does not fit this backbone: {exc}") from exc
     if wanted:
         pipe.set_adapters(list(wanted), adapter_weights=[scale for _, scale in wanted.values()])
+    elif loaded & {TRAINING_ADAPTER}:
+        pipe.disable_lora()
 
 
 def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,

@@ -18,6 +18,7 @@ import resource
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -239,6 +240,24 @@ def flow_matching_loss(backbone: Backbone, latent: LatentDist, cond, sampler: sn
     x_t = snr.add_noise(x0, t.to(x0.device), noise)
     pred = backbone.predict_velocity(x_t, t, cond, guidance)
     return F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float()), t
+
+
+@contextmanager
+def training_paused(backbone: Backbone):
+    """Lets a worker generate between training steps with the warm model, then resumes training.
+
+    Inside the block the transformer is in eval mode and generation may switch adapters (the
+    training adapter is never deleted by :func:`studio.generation.activate_templates`); on exit
+    the training adapter is the only active one again and trainable.
+    """
+    transformer = backbone.transformer
+    transformer.eval()
+    try:
+        yield
+    finally:
+        backbone.pipe.enable_lora()
+        transformer.set_adapter(ADAPTER)
+        transformer.train()
 
 
 def detach_lora(backbone: Backbone) -> None:

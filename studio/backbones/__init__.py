@@ -34,6 +34,17 @@ class BackboneSpec:
     def is_tiny(self) -> bool:
         return self.backbone_id == "tiny"
 
+    @property
+    def default_resolution(self) -> int:
+        """Pixel budget side used when a recipe leaves the resolution open (the loaded backbone's)."""
+        if self.is_tiny:
+            from .tiny import TINY_DEFAULT_RESOLUTION
+
+            return TINY_DEFAULT_RESOLUTION
+        from .base import Backbone
+
+        return Backbone.default_resolution
+
 
 def _read_model_index(source: str) -> dict | None:
     folder = Path(source).expanduser()
@@ -82,7 +93,14 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto"):
 
     spec = resolve(backbone_id)
     if spec.is_tiny:
+        import torch
+
         from .tiny import TINY_DEFAULT_RESOLUTION, TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_flux
+
+        if (device is None or str(device) == "cpu") and not torch.cuda.is_available():
+            # The tiny model's kernels are far too small to gain from threads; on a busy 2-core
+            # machine two threads ran a training step 6x slower than one.
+            torch.set_num_threads(1)
 
         return FluxBackbone.load(
             "tiny", str(ensure_tiny_flux()), device=device, precision=precision,

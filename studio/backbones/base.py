@@ -88,6 +88,13 @@ class Backbone(ABC):
 
     # -- encoding, done once per job ------------------------------------------------------
 
+    def encoder_device(self) -> torch.device:
+        """Where the text encoders are now: the GPU, or the CPU while a training offloads them."""
+        return next(self.pipe.text_encoder.parameters()).device
+
+    def to_device(self, cond: Cond) -> Cond:
+        return {k: v.to(self.device) for k, v in cond.items()}
+
     @abstractmethod
     def encode_prompts(self, prompts: list[str]) -> list[Cond]:
         """Text conditioning for each prompt (batch 1 each), on the backbone's device."""

@@ -32,10 +32,11 @@ class FluxBackbone(Backbone):
         conds = []
         for prompt in prompts:
             embeds, pooled, text_ids = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, device=self.device,
+                prompt=prompt, prompt_2=None, device=self.encoder_device(),
                 max_sequence_length=self.max_sequence_length,
             )
-            conds.append({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids})
+            conds.append(self.to_device({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
+                                         "text_ids": text_ids}))
         return conds
 
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,

@@ -29,10 +29,10 @@ class SD3Backbone(Backbone):
         conds = []
         for prompt in prompts:
             embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=self.device,
+                prompt=prompt, prompt_2=None, prompt_3=None, device=self.encoder_device(),
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
             )
-            conds.append({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
+            conds.append(self.to_device({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}))
         return conds
 
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
