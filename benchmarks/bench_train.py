@@ -59,8 +59,11 @@ VAE_16CH = dict(
 )
 
 
-def build_random_pipeline(arch: str, folder: Path) -> Path:
-    """Save a random-weight pipeline of a full-size architecture (see module docstring)."""
+def build_random_pipeline(arch: str, folder: Path, smoke: bool = False) -> Path:
+    """Save a random-weight pipeline of a full-size architecture (see module docstring).
+
+    ``smoke`` keeps every width but only one block of each kind, to check the plumbing on a CPU.
+    """
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -76,25 +79,29 @@ def build_random_pipeline(arch: str, folder: Path) -> Path:
     torch.manual_seed(0)
     tok, tok2 = build_clip_tokenizer(), build_t5_tokenizer()
     tok2.model_max_length = 512
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=4096, d_kv=64, d_ff=1024, num_layers=1,
                                  num_heads=4))
     if arch == "flux-dev":
         clip = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=256, num_hidden_layers=1,
-                                            num_attention_heads=4, vocab_size=len(tok), projection_dim=768))
+                                            num_attention_heads=4, vocab_size=len(tok), projection_dim=768, **ids))
         vae = AutoencoderKL(**VAE_16CH, shift_factor=0.1159, scaling_factor=0.3611)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER).to(torch.bfloat16)
+            cfg = {**FLUX_DEV_TRANSFORMER, **({"num_layers": 1, "num_single_layers": 1} if smoke else {})}
+            transformer = FluxTransformer2DModel(**cfg).to(torch.bfloat16)
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                 max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
         pipe = FluxPipeline(scheduler=sched, vae=vae, text_encoder=clip, tokenizer=tok, text_encoder_2=t5,
                             tokenizer_2=tok2, transformer=transformer)
     else:
         cfg = SD35_LARGE_TRANSFORMER if arch == "sd3.5-large" else SD35_MEDIUM_TRANSFORMER
+        if smoke:
+            cfg = {**cfg, "num_layers": 2, "dual_attention_layers": (0,) if "dual_attention_layers" in cfg else ()}
 
         def clip_with_projection(hidden: int):
             return CLIPTextModelWithProjection(CLIPTextConfig(
                 hidden_size=hidden, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-                vocab_size=len(tok), projection_dim=hidden))
+                vocab_size=len(tok), projection_dim=hidden, **ids))
 
         vae = AutoencoderKL(**VAE_16CH, shift_factor=0.0609, scaling_factor=1.5305)
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
@@ -183,6 +190,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help="one block per kind: check the script on a CPU")
     args = parser.parse_args()
 
     from studio.backbones import load_backbone
@@ -194,7 +202,7 @@ def main() -> None:
         backbone = load_backbone("tiny")
         steps = args.steps or 30
     else:
-        folder = build_random_pipeline(args.arch, tmp)
+        folder = build_random_pipeline(args.arch, tmp, smoke=args.smoke)
         cls = FluxBackbone if args.arch == "flux-dev" else SD3Backbone
         backbone = cls.load(args.arch + "-random", str(folder))
         steps = args.steps or 10
