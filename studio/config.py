@@ -1,21 +1,74 @@
-"""Where the studio keeps its data. Every path can be changed with an environment variable."""
+"""Where the studio keeps its data. Every path can be changed with an environment variable.
+
+The data folder (``STUDIO_DATA``, default ``.``) holds the template store and the runs folder;
+``STUDIO_STORE`` / ``STUDIO_RUNS`` move either one on its own. Several hosts share one studio by
+pointing ``STUDIO_DATA`` at a shared folder and ``STUDIO_REDIS_URL`` at one Redis server.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
 
+def data_dir() -> Path:
+    """The data folder (``STUDIO_DATA``, default the current folder)."""
+    return Path(os.environ.get("STUDIO_DATA") or ".").expanduser().resolve()
+
+
 def store_dir() -> Path:
-    """The template store (``STUDIO_STORE``, default ``./templates_store``)."""
-    return Path(os.environ.get("STUDIO_STORE", "templates_store")).expanduser().resolve()
+    """The template store (``STUDIO_STORE``, default ``<data>/templates_store``)."""
+    value = os.environ.get("STUDIO_STORE")
+    return Path(value).expanduser().resolve() if value else data_dir() / "templates_store"
 
 
 def runs_dir() -> Path:
-    """Work folders of training jobs: checkpoints, previews, metrics (``STUDIO_RUNS``, default ``./runs``)."""
-    return Path(os.environ.get("STUDIO_RUNS", "runs")).expanduser().resolve()
+    """Job folders: job records, checkpoints, previews, metrics (``STUDIO_RUNS``, default ``<data>/runs``)."""
+    value = os.environ.get("STUDIO_RUNS")
+    return Path(value).expanduser().resolve() if value else data_dir() / "runs"
+
+
+def queue_file() -> Path:
+    """The embedded SQLite queue (``STUDIO_QUEUE_FILE``, default ``<runs>/.queue.sqlite3``).
+
+    Only used without a Redis URL; SQLite must live on a local disk (not NFS), so hosts that
+    share a data folder share a Redis queue instead.
+    """
+    value = os.environ.get("STUDIO_QUEUE_FILE")
+    return Path(value).expanduser().resolve() if value else runs_dir() / ".queue.sqlite3"
+
+
+def redis_url() -> str | None:
+    """The shared Redis queue (``STUDIO_REDIS_URL``, e.g. ``redis://gpu-host:6379/0``), or None for SQLite."""
+    return os.environ.get("STUDIO_REDIS_URL") or None
 
 
 def cache_dir() -> Path:
     """Locally built models such as the tiny backbone (``STUDIO_CACHE``, default ``~/.cache/style-studio``)."""
     return Path(os.environ.get("STUDIO_CACHE", "~/.cache/style-studio")).expanduser().resolve()
+
+
+def default_backbone() -> str:
+    """The backbone used when a request names none (``STUDIO_BACKBONE``).
+
+    Without the variable: ``flux-dev`` on a machine with a CUDA GPU where its weights are
+    available, else the offline ``tiny`` demo model.
+    """
+    value = (os.environ.get("STUDIO_BACKBONE") or "").strip()
+    return value or _detected_backbone()
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_backbone() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "tiny"
+    from .backbones import resolve
+    from .errors import StudioError
+
+    try:
+        return resolve("flux-dev").backbone_id
+    except StudioError:
+        return "tiny"

@@ -1,0 +1,552 @@
+"""Jobs: submit, watch and cancel training / generation jobs run by the GPU worker(s).
+
+The web UI and the CLI talk to :class:`Jobs` only. Each job has a folder ``<runs>/<job_id>/``
+on the shared data folder holding its record ``job.json`` (the source of truth: any web process
+on any host reads it, and it survives restarts), the training's ``request.json``,
+``references/``, ``metrics.jsonl``, ``previews/``, ``checkpoint/``, ``result/``, a small
+``progress.json`` and, for generations, ``outputs/``. The queue (studio.queue_backend) only
+carries "run job X" messages.
+
+Record life cycle::
+
+    queued --claim--> running --> done | failed | cancelled
+       ^                 |
+       +-- re-queued ----+  (worker died: resumes from its checkpoint; or worker shut down)
+
+Every enqueueing has a fresh ``token``; a worker runs a job only after claiming the record's
+current token, so stale or duplicated messages are skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from . import config
+from .backbones import resolve
+from .errors import InputError, NotFoundError, StudioError
+from .generation import GenerateOptions
+from .images import load_reference_images, validate_name, validate_prompt
+from .queue_backend import PRIORITY, Queue, Settings
+from .recipe import Recipe
+from .templates import TemplateStore
+from .training import TrainRequest, prepare_run
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
+FINAL = frozenset({DONE, FAILED, CANCELLED})
+KINDS = ("train", "generate")  # room for "refine" / "evaluate": add a runner in studio.worker
+JOB_FILE, PROGRESS_FILE, CANCEL_FILE = "job.json", "progress.json", "cancel"
+WORKERS_DIR = ".workers"  # <runs>/.workers/<worker_id>.json: each worker's heartbeat
+MAX_ATTEMPTS = int(os.environ.get("STUDIO_MAX_ATTEMPTS", "3"))
+# A worker whose heartbeat is older than this is taken for dead (it beats every couple of seconds
+# from its own thread, also while a long step or a model load runs).
+STALE_S = float(os.environ.get("STUDIO_STALE_S", "60"))
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_PREVIEW_RE = re.compile(r"^step_(\d+)_p(\d+)\.png$")
+_record_lock = threading.Lock()  # read-modify-write of records inside one process
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def new_token() -> str:
+    return secrets.token_hex(8)
+
+
+def pid_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether process ``pid`` on this host runs and is the same process (not a reused pid)."""
+    import psutil
+
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(int(pid))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - float(started)) < 2.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+
+
+def worker_dead(worker: dict | None, stale_s: float = STALE_S) -> bool:
+    """Whether the worker recorded on a running job is gone (dead pid here, or silent too long)."""
+    if not worker:
+        return True
+    if worker.get("host") == socket.gethostname() and not pid_alive(worker.get("pid"), worker.get("pid_started")):
+        return True
+    return time.time() - float(worker.get("heartbeat") or 0) > stale_s
+
+
+class Jobs:
+    """Job records on the data folder plus the queue their workers pull from.
+
+    ``Jobs()`` uses the configuration (``STUDIO_DATA`` / ``STUDIO_RUNS`` / ``STUDIO_STORE`` /
+    ``STUDIO_REDIS_URL``); ``Jobs(data_dir, redis_url)`` or ``Jobs(settings=...)`` set it explicitly.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, redis_url: str | None = None, *,
+                 settings: Settings | None = None):
+        self.settings = settings or Settings.from_env(data_dir, redis_url)
+        self.runs_dir = self.settings.runs_dir
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.store = TemplateStore(self.settings.store_dir)
+        self.queue = Queue(self.settings)
+        self._cache: dict[str, tuple[tuple[int, int, int], dict]] = {}  # job_id -> (file identity, record)
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    def submit_train(self, images: list[str | Path], style_prompt: str, name: str, recipe: dict | None = None,
+                     backbone: str | None = None, captions: list[str | None] | None = None) -> str:
+        """Validate a training request, copy its references into a new job folder, enqueue it.
+
+        Everything is checked before anything is written (InputError with a readable message),
+        and the normalised references are stored in the job folder, so the uploaded files may
+        vanish afterwards. Returns the job id.
+        """
+        style = validate_prompt(style_prompt)
+        name = validate_name(name or style[:60])
+        recipe_obj = parse_recipe(recipe)
+        spec = resolve(backbone or config.default_backbone())
+        loaded = load_reference_images(list(images or []))
+        captions = parse_captions(captions, len(loaded))
+
+        job_id = self._new_id("train")
+        run_dir = self.job_dir(job_id)
+        try:
+            prepare_run(TrainRequest(loaded, style, name, recipe_obj, captions), run_dir, spec.backbone_id,
+                        spec.family, spec.default_resolution)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        request = json.loads((run_dir / "request.json").read_text())
+        record = self._new_record(job_id, "train", spec.backbone_id, name=name, style_prompt=style,
+                                  request={"recipe": request["recipe"], "references": request["references"],
+                                           "captions": request["captions"]})
+        return self._enqueue_new(record)
+
+    def submit_generate(self, template_id: str | None, options: dict, backbone: str | None = None) -> str:
+        """Validate a text-to-image request (``options``: GenerateOptions fields) and enqueue it.
+
+        ``template_id`` None generates with the bare base model; ``backbone`` defaults to the
+        template's, else the configured default. Returns the job id.
+        """
+        opts = parse_generate_options(options)
+        template = self.store.get(template_id) if template_id else None
+        spec = resolve(backbone or (template.backbone if template and template.backbone else None)
+                       or config.default_backbone())
+        if template is not None and template.family and template.family != spec.family:
+            raise InputError(f"template {template.name!r} was trained for {template.family.upper()}; "
+                             f"backbone {spec.backbone_id!r} is {spec.family.upper()}")
+        job_id = self._new_id("generate")
+        self.job_dir(job_id).mkdir(parents=True)
+        record = self._new_record(job_id, "generate", spec.backbone_id,
+                                  name=template.name if template else "base model",
+                                  style_prompt=template.style_prompt if template else "",
+                                  request={"template_id": template.id if template else None,
+                                           "options": asdict(opts)})
+        record["template_id"] = template.id if template else None
+        return self._enqueue_new(record)
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> dict:
+        """Everything a page needs to show one job (JSON-friendly); NotFoundError if unknown.
+
+        Keys: id, kind, state, name, style_prompt, backbone, template_id, created, started,
+        finished, step, total_steps, losses, t, previews ([{step, files}]), queue_position
+        (1 = next; None unless queued), eta_s, sec_per_step, peak_mem, outputs, error, message,
+        attempts, cancel_requested, worker, timing, request.
+        """
+        record = self.read(job_id)
+        order = self._queue_order() if record["state"] == QUEUED else []
+        return self._status(record, order, online=bool(self.workers()) if record["state"] == QUEUED else True)
+
+    def list_jobs(self, kind: str | None = None, states: str | Iterable[str] | None = None,
+                  limit: int = 50) -> list[dict]:
+        """Newest first: the status dicts of the jobs of this kind / in these states."""
+        wanted = {states} if isinstance(states, str) else set(states) if states else None
+        records = [r for r in self._records() if (kind is None or r["kind"] == kind)
+                   and (wanted is None or r["state"] in wanted)]
+        records.sort(key=lambda r: r.get("created_ts", 0), reverse=True)
+        order, online = self._queue_order(), bool(self.workers())
+        return [self._status(r, order, online) for r in records[: max(0, int(limit))]]
+
+    def active_job(self, kind: str = "train") -> dict | None:
+        """The running job of this kind, else the most recently queued one, else None.
+
+        A reloaded page calls this to re-attach to the job it was showing.
+        """
+        records = [r for r in self._records() if r["kind"] == kind and r["state"] in (RUNNING, QUEUED)]
+        if not records:
+            return None
+        records.sort(key=lambda r: (r["state"] == RUNNING, r.get("created_ts", 0)), reverse=True)
+        return self._status(records[0], self._queue_order(), bool(self.workers()))
+
+    def workers(self) -> list[dict]:
+        """Workers that beat recently: id, host, pid, state, backbones (warm), jobs (running), heartbeat."""
+        folder = self.runs_dir / WORKERS_DIR
+        found = []
+        for path in folder.glob("*.json") if folder.is_dir() else []:
+            try:
+                info = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            age = time.time() - float(info.get("heartbeat") or 0)
+            if age <= STALE_S:
+                found.append(info)
+            elif age > 3600:  # left by a worker that was killed: nobody else removes it
+                path.unlink(missing_ok=True)
+        return sorted(found, key=lambda w: w.get("started", 0))
+
+    # -- cancelling ----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> dict:
+        """Cancel a job: a queued one at once, a running one within one training step.
+
+        Returns the job's status; cancelling a finished job changes nothing.
+        """
+        record = self.read(job_id)
+        if record["state"] in FINAL:
+            return self.status(job_id)
+        (self.job_dir(job_id) / CANCEL_FILE).touch()  # a worker claiming it right now sees this
+        if record["state"] == QUEUED and self.queue.claim(job_id, record["token"], owner="cancel"):
+            self.update(job_id, lambda r: _cancelled(r, "cancelled before it started")
+                        if r["state"] == QUEUED and r["token"] == record["token"] else None)
+            self.queue.release(job_id, record["token"])
+        return self.status(job_id)
+
+    # -- recovery ------------------------------------------------------------------------------
+
+    def reconcile(self, max_attempts: int = MAX_ATTEMPTS, stale_s: float = STALE_S) -> dict[str, list[str]]:
+        """Make records and queue agree after crashes; safe to run from any process at any time.
+
+        - running, but its worker is dead (pid gone on this host, or no heartbeat for ``stale_s``):
+          re-queued with a new token (training resumes from its checkpoint), or failed with the
+          reason once the worker died ``max_attempts`` times on it;
+        - queued, but its message is gone (queue flushed, Redis restarted without persistence):
+          enqueued again; queued but claimed by a process that died before starting it: re-queued.
+
+        Returns the job ids acted on: {"requeued": [...], "failed": [...], "resent": [...]}.
+        """
+        done: dict[str, list[str]] = {"requeued": [], "failed": [], "resent": []}
+        records = self._records()
+        pending: set[tuple[str, str]] | None = None
+        for record in records:
+            job_id = record["id"]
+            if record["state"] == RUNNING and worker_dead(record.get("worker"), stale_s):
+                if self._recover_dead(record, max_attempts):
+                    done["requeued"].append(job_id)
+                else:
+                    done["failed"].append(job_id)
+            elif record["state"] == QUEUED:
+                if pending is None:
+                    pending = set(self.queue.pending())
+                if (job_id, record["token"]) in pending:
+                    continue
+                claim = self.queue.claim_info(job_id, record["token"])
+                if claim is None:
+                    self.queue.enqueue(job_id, record["token"], record["kind"])
+                    done["resent"].append(job_id)
+                elif time.time() - float(claim.get("time") or 0) > stale_s:
+                    if claim.get("owner") == "cancel" or (self.job_dir(job_id) / CANCEL_FILE).exists():
+                        self.update(job_id, lambda r: _cancelled(r, "cancelled before it started")
+                                    if r["state"] == QUEUED else None)
+                    else:
+                        self.requeue(job_id, "the worker that took this job stopped before starting it")
+                        done["requeued"].append(job_id)
+        return done
+
+    def _recover_dead(self, record: dict, max_attempts: int) -> bool:
+        worker = record.get("worker") or {}
+        crashes = int(record.get("crashes", 0)) + 1
+        where = f"worker {worker.get('id', '?')}"
+        if crashes >= max_attempts:
+            reason = (f"the worker process stopped {crashes} times while running this job "
+                      f"(last: {where}); giving up")
+
+            def fail(r: dict) -> dict | None:
+                if r["state"] != RUNNING or r.get("token") != record["token"]:
+                    return None
+                end_attempt(r, "worker died")
+                return {**r, "state": FAILED, "crashes": crashes, "error": reason, "message": reason,
+                        "finished": now_iso(), "worker": None}
+
+            self.update(record["id"], fail)
+            self.queue.release(record["id"], record["token"])
+            log.warning("job %s failed: %s", record["id"], reason)
+            return False
+        self.requeue(record["id"], f"the {where} stopped; resuming from the last checkpoint",
+                     expect_token=record["token"], crashed=True)
+        log.warning("job %s re-queued: its %s is gone", record["id"], where)
+        return True
+
+    def requeue(self, job_id: str, reason: str, expect_token: str | None = None, crashed: bool = False) -> None:
+        """Put a job back in the queue with a new token (its old messages become stale)."""
+        token, before = new_token(), {}
+
+        def change(r: dict) -> dict | None:
+            if r["state"] in FINAL or (expect_token and r.get("token") != expect_token):
+                return None
+            if r["state"] == RUNNING:
+                end_attempt(r, reason)
+            before.update(r)
+            return {**r, "state": QUEUED, "token": token, "queued_ts": time.time(), "worker": None,
+                    "message": reason, "crashes": int(r.get("crashes", 0)) + (1 if crashed else 0)}
+
+        if self.update(job_id, change) is not None:
+            self.queue.release(job_id, before["token"])
+            self.queue.enqueue(job_id, token, before["kind"])
+
+    # -- records (also used by the worker) -----------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        if not isinstance(job_id, str) or not _ID_RE.match(job_id) or ".." in job_id:
+            raise NotFoundError(f"{str(job_id)[:80]!r} is not a job id")
+        return self.runs_dir / job_id
+
+    def read(self, job_id: str, fresh: bool = False) -> dict:
+        """The job's record (a copy); NotFoundError if there is none. ``fresh`` bypasses the cache."""
+        return copy.deepcopy(self._load(job_id, fresh))
+
+    def _load(self, job_id: str, fresh: bool = False) -> dict:
+        """The record as cached: shared, never to be mutated (listing reads every record per poll)."""
+        path = self.job_dir(job_id) / JOB_FILE
+        try:
+            stat = path.stat()
+            key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            cached = self._cache.get(job_id)
+            # Trust the cache only for files not touched in the last second: file times are coarse.
+            if not fresh and cached and cached[0] == key and time.time() - stat.st_mtime > 1.0:
+                return cached[1]
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise NotFoundError(f"no job {job_id!r}") from None
+        except (OSError, ValueError) as exc:
+            raise NotFoundError(f"job {job_id!r} has an unreadable record: {exc}") from None
+        self._cache[job_id] = (key, record)
+        return record
+
+    def update(self, job_id: str, change: Callable[[dict], dict | None] | dict[str, Any]) -> dict | None:
+        """Read-modify-write a record atomically (per process; one writer per state by design).
+
+        ``change`` is a dict of fields to set, or a function returning the new record (or None
+        to leave it alone). Returns the new record, or None if nothing was written.
+        """
+        with _record_lock:
+            record = self.read(job_id, fresh=True)
+            new = {**record, **change} if isinstance(change, dict) else change(record)
+            if new is None:
+                return None
+            write_record(self.job_dir(job_id) / JOB_FILE, new)
+            return new
+
+    def _records(self) -> list[dict]:
+        out = []
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith(".") or not _ID_RE.match(entry.name):
+                continue
+            try:
+                out.append(self._load(entry.name))
+            except NotFoundError:
+                continue  # a CLI run folder, or a job being created
+        return out
+
+    def queued(self, kind: str | None = None, backbone: str | None = None) -> list[dict]:
+        """Queued records (of this kind / for this backbone) in the order workers take them."""
+        queued = [r for r in self._records() if r["state"] == QUEUED and (kind is None or r["kind"] == kind)
+                  and (backbone is None or r.get("backbone") == backbone)]
+        queued.sort(key=lambda r: (-PRIORITY.get(r["kind"], 0), r.get("queued_ts", 0)))
+        return queued
+
+    def _queue_order(self) -> list[str]:
+        return [r["id"] for r in self.queued()]
+
+    def _new_id(self, kind: str) -> str:
+        return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(4)}"
+
+    def _new_record(self, job_id: str, kind: str, backbone: str, *, name: str, style_prompt: str,
+                    request: dict) -> dict:
+        now = time.time()
+        return {
+            "id": job_id, "kind": kind, "state": QUEUED, "name": name, "style_prompt": style_prompt,
+            "backbone": backbone, "template_id": None, "request": request,
+            "created": now_iso(), "created_ts": now, "queued_ts": now, "started": None, "finished": None,
+            "token": new_token(), "attempts": 0, "crashes": 0, "history": [], "worker": None,
+            "error": None, "message": "waiting for a worker", "outputs": [], "timing": {},
+        }
+
+    def _enqueue_new(self, record: dict) -> str:
+        job_id = record["id"]
+        write_record(self.job_dir(job_id) / JOB_FILE, record)
+        try:
+            self.queue.enqueue(job_id, record["token"], record["kind"])
+        except StudioError as exc:
+            self.update(job_id, {"state": FAILED, "error": str(exc), "message": str(exc), "finished": now_iso()})
+            raise
+        log.info("job %s (%s) queued", job_id, record["kind"])
+        return job_id
+
+    # -- the status dict -----------------------------------------------------------------------
+
+    def _status(self, record: dict, queue_order: list[str], online: bool) -> dict:
+        job_id = record["id"]
+        folder = self.job_dir(job_id)
+        progress = _read_json(folder / PROGRESS_FILE) or {}
+        request = record.get("request") or {}
+        losses, ts = ([], []) if record["kind"] != "train" else _read_metrics(folder / "metrics.jsonl")
+        if record["kind"] == "train":
+            total = int(progress.get("total") or (request.get("recipe") or {}).get("steps") or 0)
+        else:
+            total = int((request.get("options") or {}).get("num_images") or 1)
+        position = queue_order.index(job_id) + 1 if record["state"] == QUEUED and job_id in queue_order else None
+        status = {
+            "id": job_id, "kind": record["kind"], "state": record["state"],
+            "name": record.get("name"), "style_prompt": record.get("style_prompt"),
+            "backbone": record.get("backbone"), "template_id": record.get("template_id"),
+            "created": record.get("created"), "started": record.get("started"), "finished": record.get("finished"),
+            "step": int(progress.get("step") or (len(losses) if losses else 0)), "total_steps": total,
+            "losses": losses, "t": ts, "previews": _read_previews(folder / "previews"),
+            "queue_position": position, "eta_s": progress.get("eta_s") if record["state"] == RUNNING else None,
+            "sec_per_step": progress.get("sec_per_step"), "peak_mem": progress.get("peak_mem"),
+            "outputs": [str(folder / "outputs" / n) for n in record.get("outputs") or []],
+            "error": record.get("error"), "message": record.get("message") or "",
+            "attempts": int(record.get("attempts", 0)), "cancel_requested": (folder / CANCEL_FILE).exists(),
+            "worker": (record.get("worker") or {}).get("id"), "timing": dict(record.get("timing") or {}),
+            "request": copy.deepcopy(request),
+        }
+        if record["state"] == QUEUED:
+            ahead = (position or 1) - 1
+            status["message"] = (f"queued: {'next' if not ahead else f'{ahead} job(s) ahead'}"
+                                 + ("" if online else "; no worker is running"))
+            if record.get("attempts"):
+                status["message"] += f" ({record.get('message')})"
+        elif record["state"] == RUNNING and record["kind"] == "train":
+            status["message"] = (f"training: step {status['step']} of {total}" if status["step"]
+                                 else record.get("message") or "starting")
+        return status
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def parse_recipe(recipe: dict | None) -> Recipe:
+    """A validated Recipe from a UI/CLI dict (Recipe fields, plus an optional ``preset``)."""
+    data = dict(recipe or {})
+    preset = data.pop("preset", None) or "paper"
+    unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
+    if unknown:
+        raise InputError(f"unknown recipe setting(s): {', '.join(unknown)}")
+    try:
+        return Recipe.from_preset(preset, **data).validate()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid recipe: {exc}") from None
+
+
+def parse_captions(captions: list[str | None] | None, n_images: int) -> list[str | None] | None:
+    """One optional content caption per image (blank means none), or None."""
+    if not captions:
+        return None
+    if len(captions) != n_images:
+        raise InputError(f"give one caption per image ({n_images}), or none")
+    out = [validate_prompt(c, "caption") if isinstance(c, str) and c.strip() else None for c in captions]
+    return out if any(out) else None
+
+
+def parse_generate_options(options: dict) -> GenerateOptions:
+    """Validated GenerateOptions from a dict of its fields."""
+    data = dict(options or {})
+    unknown = sorted(set(data) - {f.name for f in fields(GenerateOptions)})
+    if unknown:
+        raise InputError(f"unknown generation option(s): {', '.join(unknown)}")
+    try:
+        return GenerateOptions(**data).validate()
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"invalid generation options: {exc}") from None
+
+
+def _cancelled(record: dict, message: str) -> dict:
+    if record["state"] == RUNNING:
+        end_attempt(record, "cancelled")
+    return {**record, "state": CANCELLED, "finished": now_iso(), "message": message, "worker": None}
+
+
+def end_attempt(record: dict, outcome: str) -> None:
+    """Close the open entry of the record's attempt history (in place)."""
+    history = record.setdefault("history", [])
+    if history and history[-1].get("ended") is None:
+        history[-1].update(ended=now_iso(), outcome=outcome)
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write a job record atomically (temp file, fsync, ``os.replace``).
+
+    Unlike ``training.write_json`` the temp name is unique: processes on several hosts (web app,
+    workers, reconcilers) may write one record at the same moment, and must never share a temp file.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with tmp.open("w") as f:
+            json.dump(record, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_metrics(path: Path) -> tuple[list[float], list[float]]:
+    losses: list[float] = []
+    ts: list[float] = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return losses, ts
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line being written right now
+        losses.append(row.get("loss"))
+        ts.extend(row.get("t") or [])
+    return losses, ts
+
+
+def _read_previews(folder: Path) -> list[dict]:
+    by_step: dict[int, list[tuple[int, str]]] = {}
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    for name in names:
+        m = _PREVIEW_RE.match(name)
+        if m:
+            by_step.setdefault(int(m.group(1)), []).append((int(m.group(2)), str(folder / name)))
+    return [{"step": step, "files": [f for _, f in sorted(files)]} for step, files in sorted(by_step.items())]

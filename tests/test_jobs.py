@@ -1,0 +1,238 @@
+"""Job records and the queue, without a worker: validation, positions, cancel, claims, recovery.
+
+Every test runs against both queue backends (SQLite file, real redis-server).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from queue_helpers import BACKENDS, make_settings, redis_url, write_image  # noqa: F401 (redis_url: a fixture)
+
+from studio import config
+from studio.backbones import resolve
+from studio.errors import InputError, NotFoundError
+from studio.jobs import CANCELLED, FAILED, QUEUED, RUNNING, Jobs
+
+STATUS_KEYS = {
+    "id", "kind", "state", "name", "style_prompt", "backbone", "template_id", "created", "started", "finished",
+    "step", "total_steps", "losses", "t", "previews", "queue_position", "eta_s", "sec_per_step", "peak_mem",
+    "outputs", "error", "message", "attempts", "cancel_requested", "worker", "timing", "request",
+}
+QUICK = {"steps": 2, "preview_every": 0, "checkpoint_every": 0}
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request, tmp_path):
+    return make_settings(request, request.param, tmp_path / "data")
+
+
+@pytest.fixture
+def jobs(settings):
+    j = Jobs(settings=settings)
+    yield j
+    j.queue.close()
+
+
+@pytest.fixture
+def image(tmp_path):
+    return write_image(tmp_path / "upload" / "ref.png")
+
+
+def job_folders(jobs):
+    return [p for p in jobs.runs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def pretend_running(jobs, job_id, **worker):
+    """What a worker writes when it takes a job (claim + record), with a chosen worker identity."""
+    record = jobs.read(job_id)
+    assert jobs.queue.claim(job_id, record["token"], "test-worker")
+    info = {"id": "test-worker", "host": socket.gethostname(), "pid": os.getpid(), "pid_started": None,
+            "heartbeat": time.time(), **worker}
+    jobs.update(job_id, {"state": RUNNING, "worker": info, "attempts": record["attempts"] + 1,
+                         "history": record["history"] + [{"attempt": 1, "ended": None}]})
+
+
+def test_submit_validates_everything_before_writing(jobs, image, tmp_path):
+    bad_file = tmp_path / "notes.png"
+    bad_file.write_text("not an image")
+    cases = [
+        dict(images=[], style_prompt="watercolor", name="x"),
+        dict(images=[bad_file], style_prompt="watercolor", name="x"),
+        dict(images=[image], style_prompt="   ", name="x"),
+        dict(images=[image], style_prompt="watercolor", name="a/b"),
+        dict(images=[image], style_prompt="watercolor", name="x", recipe={"steps": 0}),
+        dict(images=[image], style_prompt="watercolor", name="x", recipe={"stepz": 3}),
+        dict(images=[image], style_prompt="watercolor", name="x", recipe={"steps": "many"}),
+        dict(images=[image], style_prompt="watercolor", name="x", recipe={"preset": "nope"}),
+        dict(images=[image], style_prompt="watercolor", name="x", backbone="no-such-model"),
+        dict(images=[image], style_prompt="watercolor", name="x", captions=["a", "b"]),
+    ]
+    for kwargs in cases:
+        with pytest.raises(InputError) as info:
+            jobs.submit_train(**kwargs)
+        assert str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(InputError):
+        jobs.submit_generate(None, {"prompt": ""})
+    with pytest.raises(InputError):
+        jobs.submit_generate(None, {"prompt": "a cat", "colour": "red"})
+    with pytest.raises(InputError):
+        jobs.submit_generate(None, {"prompt": "a cat", "num_images": "lots"})
+    with pytest.raises(NotFoundError):
+        jobs.submit_generate("no-such-template", {"prompt": "a cat"})
+    assert job_folders(jobs) == []
+    assert jobs.queue.pending() == []
+
+
+def test_submit_copies_references_so_uploads_may_vanish(jobs, image):
+    job_id = jobs.submit_train([image], "red poster", "Poster", recipe={"preset": "quick", **QUICK},
+                               backbone="tiny", captions=["a lighthouse"])
+    image.unlink()  # Gradio's upload temp file goes away
+    folder = jobs.runs_dir / job_id
+    assert (folder / "references" / "ref_00.png").is_file()
+    request = json.loads((folder / "request.json").read_text())
+    assert request["recipe"]["resolution"] == resolve("tiny").default_resolution == 64
+    assert request["recipe"]["steps"] == 2 and request["captions"] == ["a lighthouse"]
+    status = jobs.status(job_id)
+    assert status["state"] == QUEUED and status["queue_position"] == 1
+    assert status["total_steps"] == 2 and status["name"] == "Poster" and status["style_prompt"] == "red poster"
+    assert "no worker is running" in status["message"]
+    assert jobs.queue.pending() == [(job_id, jobs.read(job_id)["token"])]
+
+
+def test_status_has_the_documented_json_keys(jobs, image):
+    train = jobs.submit_train([image], "red poster", "P", recipe=QUICK)
+    gen = jobs.submit_generate(None, {"prompt": "a cat", "steps": 2, "num_images": 3})
+    for job_id in (train, gen):
+        status = jobs.status(job_id)
+        assert set(status) == STATUS_KEYS
+        json.dumps(status)  # JSON-friendly all the way down
+    assert jobs.status(gen)["total_steps"] == 3
+    with pytest.raises(NotFoundError):
+        jobs.status("../../etc")
+    with pytest.raises(NotFoundError):
+        jobs.status("20990101-000000-train-00000000")
+
+
+def test_queue_positions_and_listing_survive_a_new_jobs_object(settings, jobs, image):
+    first = jobs.submit_train([image], "red poster", "First", recipe=QUICK)
+    second = jobs.submit_train([image], "red poster", "Second", recipe=QUICK)
+    gen = jobs.submit_generate(None, {"prompt": "a cat", "steps": 2})
+    jobs.queue.close()
+
+    again = Jobs(settings=settings)  # e.g. the web app restarted
+    assert [again.status(j)["queue_position"] for j in (gen, first, second)] == [1, 2, 3]  # generation first
+    assert [s["id"] for s in again.list_jobs()] == [gen, second, first]  # newest first
+    assert [s["id"] for s in again.list_jobs(kind="train", limit=1)] == [second]
+    assert again.list_jobs(states=["done"]) == []
+    assert again.active_job("train")["id"] == second
+    assert again.active_job("generate")["id"] == gen
+    assert {j for j, _ in again.queue.pending()} == {first, second, gen}
+    again.queue.close()
+
+
+def test_cancel_a_queued_job_at_once(jobs, image, settings):
+    job_id = jobs.submit_train([image], "red poster", "P", recipe=QUICK)
+    token = jobs.read(job_id)["token"]
+    status = jobs.cancel(job_id)
+    assert status["state"] == CANCELLED and status["queue_position"] is None and status["finished"]
+    assert jobs.cancel(job_id)["state"] == CANCELLED  # idempotent
+    assert jobs.active_job("train") is None
+    # The message is still in the queue; a worker that gets it skips it without loading anything.
+    from studio.worker import Worker
+
+    worker = Worker(settings)
+    worker.handle(job_id, token)
+    assert jobs.read(job_id)["state"] == CANCELLED and jobs.read(job_id)["attempts"] == 0
+    assert worker.backbones.loads == 0
+    with pytest.raises(NotFoundError):
+        jobs.cancel("nope")
+
+
+def test_claims_are_exclusive_across_threads(jobs, image):
+    job_id = jobs.submit_train([image], "red poster", "P", recipe=QUICK)
+    token = jobs.read(job_id)["token"]
+    other = Jobs(settings=jobs.settings)  # a second connection, as another process would have
+    wins = []
+    barrier = threading.Barrier(10)
+
+    def claim(i):
+        barrier.wait()
+        if (jobs if i % 2 else other).queue.claim(job_id, token, f"w{i}"):
+            wins.append(i)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert jobs.queue.claim_info(job_id, token)["owner"] == f"w{wins[0]}"
+    other.queue.close()
+
+
+def test_reconcile_requeues_a_dead_workers_job_then_gives_up(jobs, image):
+    job_id = jobs.submit_train([image], "red poster", "P", recipe=QUICK)
+    old_token = jobs.read(job_id)["token"]
+    jobs.queue.huey.storage.flush_queue()  # the dead worker had taken the message
+    pretend_running(jobs, job_id, pid=dead_pid())
+
+    assert jobs.reconcile(max_attempts=2)["requeued"] == [job_id]
+    record = jobs.read(job_id)
+    assert record["state"] == QUEUED and record["crashes"] == 1 and record["token"] != old_token
+    assert record["history"][-1]["outcome"].startswith("the worker")
+    assert jobs.queue.pending() == [(job_id, record["token"])]
+    assert "resuming" in jobs.status(job_id)["message"]
+
+    jobs.queue.huey.storage.flush_queue()
+    pretend_running(jobs, job_id, pid=dead_pid())
+    assert jobs.reconcile(max_attempts=2)["failed"] == [job_id]
+    status = jobs.status(job_id)
+    assert status["state"] == FAILED and "stopped 2 times" in status["error"]
+    assert jobs.reconcile(max_attempts=2) == {"requeued": [], "failed": [], "resent": []}
+
+
+def test_reconcile_uses_heartbeats_for_workers_on_other_hosts(jobs, image):
+    alive = jobs.submit_train([image], "red poster", "Alive", recipe=QUICK)
+    silent = jobs.submit_train([image], "red poster", "Silent", recipe=QUICK)
+    pretend_running(jobs, alive, host="gpu-host-2", pid=1)
+    pretend_running(jobs, silent, host="gpu-host-3", pid=1, heartbeat=time.time() - 3600)
+    result = jobs.reconcile()
+    assert result["requeued"] == [silent]
+    assert jobs.read(alive)["state"] == RUNNING and jobs.read(silent)["state"] == QUEUED
+
+
+def test_reconcile_resends_lost_messages_once(jobs, image):
+    job_id = jobs.submit_train([image], "red poster", "P", recipe=QUICK)
+    jobs.queue.huey.storage.flush_queue()  # e.g. Redis restarted without persistence
+    assert jobs.reconcile()["resent"] == [job_id]
+    assert jobs.reconcile()["resent"] == []
+    assert jobs.queue.pending() == [(job_id, jobs.read(job_id)["token"])]
+
+
+def test_config_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("STUDIO_BACKBONE", "sd3.5-medium")
+    assert config.default_backbone() == "sd3.5-medium"
+    monkeypatch.delenv("STUDIO_BACKBONE")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert config.default_backbone() == "tiny"
+    for var in ("STUDIO_RUNS", "STUDIO_STORE", "STUDIO_QUEUE_FILE", "STUDIO_REDIS_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("STUDIO_DATA", str(tmp_path))
+    assert config.runs_dir() == tmp_path / "runs" and config.store_dir() == tmp_path / "templates_store"
+    assert config.queue_file() == tmp_path / "runs" / ".queue.sqlite3" and config.redis_url() is None
+    monkeypatch.setenv("STUDIO_REDIS_URL", "redis://example:6379/1")
+    assert config.redis_url() == "redis://example:6379/1"
