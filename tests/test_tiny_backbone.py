@@ -33,8 +33,17 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def flux_folder(cache_dir: Path) -> Path:
-    return ensure_tiny_flux(cache_dir)
+def flux_folder(tiny_folder: Path) -> Path:
+    """The shared tiny FLUX folder (conftest): pre-training takes ~1 min, so it is built once per cache."""
+    return tiny_folder
+
+
+@pytest.fixture
+def quick_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Builds in this test run the full pipeline with a few seconds of pre-training instead of ~1 min."""
+    monkeypatch.setattr(tiny, "_PRETRAIN_STEPS", 12)
+    monkeypatch.setattr(tiny, "_PRETRAIN_POOL", 96)
+    monkeypatch.setattr(tiny, "_ALIGN_STEPS", 4)
 
 
 @pytest.fixture(scope="session")
@@ -71,25 +80,40 @@ def test_flux_folder_mirrors_flux_dev_layout(flux_folder: Path, flux_pipe: FluxP
     assert json.loads((flux_folder / MARKER).read_text())["version"] == tiny.TINY_VERSION
 
 
-def test_cached_folder_is_reused_and_no_temp_left(flux_folder: Path, cache_dir: Path) -> None:
+def test_cached_folder_is_reused(flux_folder: Path) -> None:
     stamp = (flux_folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
-    assert ensure_tiny_flux(cache_dir) == flux_folder
+    assert ensure_tiny_flux(flux_folder.parent) == flux_folder
     assert (flux_folder / "transformer" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
-    assert not [p for p in cache_dir.iterdir() if p.name.startswith(".")]
 
 
-def test_build_is_deterministic_and_keeps_caller_rng(flux_folder: Path, tmp_path: Path) -> None:
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = [("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+             ("text_encoder", "model"), ("text_encoder_2", "model")]
+    return {f"{part}/{k}": v for part, name in files
+            for k, v in load_file(folder / part / f"{name}.safetensors").items()}
+
+
+def test_build_is_deterministic_keeps_caller_rng_and_threads(quick_build: None, tmp_path: Path) -> None:
+    """Two builds give identical bytes (the same code path as the full build, with a shorter schedule)."""
+    threads = torch.get_num_threads()
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    other = ensure_tiny_flux(tmp_path)
+    first = ensure_tiny_flux(tmp_path / "a")
     assert torch.equal(torch.rand(3), expected_draw)  # building did not reseed the caller's generator
-    for part in ("transformer", "vae"):
-        ours = load_file(flux_folder / part / "diffusion_pytorch_model.safetensors")
-        theirs = load_file(other / part / "diffusion_pytorch_model.safetensors")
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert (flux_folder / "vae" / "config.json").read_text() == (other / "vae" / "config.json").read_text()
+    assert torch.get_num_threads() == threads  # the build runs single-threaded, then restores
+    second = ensure_tiny_flux(tmp_path / "b")
+    ours, theirs = _weights(first), _weights(second)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for part in ("vae", "transformer", "text_encoder", "text_encoder_2"):
+        assert (first / part / "config.json").read_text() == (second / part / "config.json").read_text()
+    # pre-training changed the transformer and the text encoders, not the constructed VAE
+    with torch.random.fork_rng(devices=[]):
+        untrained = tiny._tiny_flux_pipeline()
+    assert not torch.equal(ours["transformer/proj_out.weight"], untrained.transformer.proj_out.weight)
+    assert torch.equal(ours["vae/decoder.conv_out.weight"], untrained.vae.decoder.conv_out.weight)
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]  # no temp folder left
 
 
 def test_tokenizers_know_prompt_words(flux_pipe: FluxPipeline) -> None:
@@ -129,7 +153,7 @@ def test_vae_round_trip_keeps_colours(flux_pipe: FluxPipeline) -> None:
     assert abs(normalised.mean().item()) < 0.6 and 0.5 < normalised.std().item() < 2.0
 
 
-def test_invalid_folder_is_replaced(tmp_path: Path) -> None:
+def test_invalid_folder_is_replaced(quick_build: None, tmp_path: Path) -> None:
     stale = tmp_path / f"tiny-flux-v{tiny.TINY_VERSION}"
     stale.mkdir()
     (stale / "model_index.json").write_text("{}")  # no marker: an interrupted or foreign folder
@@ -162,3 +186,105 @@ def test_sd3_loads_and_generates(cache_dir: Path) -> None:
     assert len(blocks) == 2
     assert blocks[0].attn.to_add_out is not None and blocks[-1].attn.to_add_out is None  # as in SD3.5-Large
     assert pipe.scheduler.config.shift == 3.0 and not pipe.scheduler.config.use_dynamic_shifting
+
+
+# -- the pre-trained base model behaves like a text-to-image model in miniature ------------------------------
+
+
+@pytest.fixture(scope="session")
+def random_pipe(tmp_path_factory: pytest.TempPathFactory) -> FluxPipeline:
+    """The same pipeline without pre-training: what v2 shipped (a random transformer)."""
+    folder = tiny.build_tiny_flux(tmp_path_factory.mktemp("random-flux"), pretrain_steps=0)
+    return FluxPipeline.from_pretrained(folder)
+
+
+def _pictures(pipe: FluxPipeline, prompt: str, seeds=range(4), **kwargs) -> np.ndarray:
+    kwargs = {"num_inference_steps": 28, "guidance_scale": 7.0, **kwargs}
+    pipe.set_progress_bar_config(disable=True)
+    return np.stack([
+        pipe(prompt, height=64, width=64, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
+             generator=torch.Generator().manual_seed(seed), output_type="np", **kwargs).images[0]
+        for seed in seeds
+    ]) * 255.0
+
+
+def _roughness(images: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring pixels, 0..255: ~19 for colour noise."""
+    return float((np.abs(np.diff(images, axis=1)).mean() + np.abs(np.diff(images, axis=2)).mean()) / 2)
+
+
+def _tint(images: np.ndarray, channel: int) -> float:
+    """How much one channel (0 red, 1 green, 2 blue) stands out from the other two, 0..255."""
+    mean = images.reshape(-1, 3).mean(0)
+    return float(mean[channel] - np.delete(mean, channel).mean())
+
+
+CIRCLE, STRIPES = "a red circle on a blue background", "green stripes"
+
+
+def test_base_model_draws_smooth_pictures_that_follow_the_prompt(flux_pipe, random_pipe) -> None:
+    prompts = (CIRCLE, STRIPES, "an orange sunset gradient", "green hills under a blue sky", "a robot")
+    ours = {p: _pictures(flux_pipe, p) for p in prompts}
+    theirs = {p: _pictures(random_pipe, p) for p in (CIRCLE, STRIPES)}
+    rough = _roughness(np.concatenate(list(ours.values())))
+    random_rough = _roughness(np.concatenate(list(theirs.values())))
+    print(f"roughness: pre-trained {rough:.2f}, random {random_rough:.2f}")
+    assert rough < 0.35 * random_rough  # measured 2.6 vs 18.9
+    # prompts matter: blue background vs green stripes (the random model gives both the same grey)
+    blue = _tint(ours[CIRCLE], 2) - _tint(ours[STRIPES], 2)
+    green = _tint(ours[STRIPES], 1) - _tint(ours[CIRCLE], 1)
+    random_blue = _tint(theirs[CIRCLE], 2) - _tint(theirs[STRIPES], 2)
+    print(f"blue-ness difference {blue:.0f} (random {random_blue:.0f}), green-ness difference {green:.0f}")
+    assert blue > 60 and green > 30 and abs(random_blue) < 10  # measured 144, 71, ~1
+    sunset, hills = (ours[p].reshape(-1, 3).mean(0) for p in prompts[2:4])
+    assert sunset[0] > sunset[1] + 40 > sunset[2] + 80  # orange: red > green > blue
+    assert (sunset[0] - sunset[1]) - (hills[0] - hills[1]) > 80  # red vs green: measured 185
+    robot = ours["a robot"].reshape(-1, 3).mean(0)
+    assert robot[2] > robot[0] + 50  # no background named: outdoors, under a blue sky
+
+
+def test_guidance_embedding_is_neutral(flux_pipe) -> None:
+    """Not guidance-distilled: the trainer's guidance 1.0 and generation's 7.0 give the same model."""
+    one, seven = (_pictures(flux_pipe, "a tree", seeds=[0], num_inference_steps=4, guidance_scale=g)
+                  for g in (1.0, 7.0))
+    assert np.array_equal(one, seven)
+
+
+def test_pretraining_data(flux_pipe) -> None:
+    """Captions use the tokenizers' own words; the shortcut latents equal the VAE encoder's."""
+    import random
+
+    rng = random.Random(0)
+    scenes = [tiny._scene(rng) for _ in range(200)]
+    words = set(tiny._word_list())
+    for image, caption in scenes:
+        assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
+        assert all(w.lower() in words for w in caption.replace(",", " ").split()), caption
+    images = torch.stack([img for img, _ in scenes[:16]]) * 2 - 1
+    with torch.no_grad():
+        encoded = flux_pipe.vae.encode(images).latent_dist.mean
+    assert (tiny._colour_latents(images) - encoded).abs().max() < 1e-3
+
+
+def test_style_training_moves_previews_toward_the_reference(tiny_backbone, tmp_path: Path) -> None:
+    """The paper's recipe (300 steps x 4, lr 1e-4, rank 32, style-friendly sampler) on the watercolour example:
+    the previews the UI shows take on the reference's pale palette."""
+    from PIL import Image
+
+    from studio.recipe import Recipe
+    from studio.training import TrainRequest, prepare_run, train
+
+    reference = Image.open(Path(__file__).resolve().parent.parent / "assets" / "examples" / "watercolor.png")
+    run_dir = tmp_path / "run"
+    prepare_run(TrainRequest([reference], "watercolor painting", "watercolor", Recipe()), run_dir,
+                tiny_backbone.backbone_id, tiny_backbone.family, tiny_backbone.default_resolution)
+    train(tiny_backbone, run_dir)
+
+    def mean_colour(paths) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(p).convert("RGB"), np.float64) for p in paths]).reshape(-1, 3).mean(0)
+
+    target = mean_colour([run_dir / "references" / "ref_00.png"])
+    distance = {step: float(np.linalg.norm(mean_colour(sorted((run_dir / "previews").glob(f"step_{step:04d}_p*.png")))
+                                           - target)) for step in (0, 100, 300)}
+    print(f"preview colour distance to the reference by step: {distance}")
+    assert distance[300] < 0.5 * distance[0] and distance[100] < distance[0]  # measured 173 -> 37
