@@ -32,6 +32,9 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, help="log-SNR std (FLUX 3, SD3.5 2)")
     g.add_argument("--shift", type=float, help="SD3 sampler shift (3)")
     g.add_argument("--offset-noise", type=float, help="offset noise strength (0; paper's best 0.01)")
+    g.add_argument("--noise-prior", action="store_true", default=None,
+                   help="style noise prior: draw the training noise from the references' mean/std "
+                        "(Diffusion in Style) and store it with the template")
     g.add_argument("--resolution", type=int, help="pixel budget side (512; tiny 64)")
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", help="auto | bf16 | fp16 | fp32")
@@ -71,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("-n", "--num-images", type=int, default=1)
     g.add_argument("--no-style-wrap", action="store_true", help='do not append "in {style} style"')
+    g.add_argument("--mix", action="append", default=[], metavar="ID:SCALE",
+                   help="mix another template in at this strength (repeatable)")
+    g.add_argument("--style-schedule", type=float, metavar="X",
+                   help="apply the template only in the first X (0-1) of the denoising steps")
+    g.add_argument("--fusion-weight", type=float, default=1.0,
+                   help="per step: base + W * (template - base); 1 = plain template, 0 = base model")
+    g.add_argument("--noise-prior", action="store_true",
+                   help="start from the template's style noise prior (trained with --noise-prior)")
 
     m = sub.add_parser("templates", help="list, export, import, rename or delete templates")
     ms = m.add_subparsers(dest="action", required=True)
@@ -104,7 +115,7 @@ def cmd_train(args: argparse.Namespace, store) -> int:
         raise StudioError(f"give one caption per image ({len(images)}), or none")
     overrides = {k: getattr(args, k) for k in (
         "steps", "grad_accum", "lr", "rank", "alpha", "sampler", "mu", "sigma", "shift", "offset_noise",
-        "resolution", "seed", "precision", "gradient_checkpointing", "preview_every", "preview_steps",
+        "noise_prior", "resolution", "seed", "precision", "gradient_checkpointing", "preview_every", "preview_steps",
         "preview_prompt", "checkpoint_every")}
     recipe = Recipe.from_preset(args.preset, **overrides).validate()
     spec = resolve(args.backbone)
@@ -138,19 +149,24 @@ def publish(store, result: Path, name: str):
 
 def cmd_generate(args: argparse.Namespace, store) -> int:
     from .backbones import load_backbone
-    from .generation import GenerateOptions, generate
+    from .generation import GenerateOptions, check_request, generate
+    from .mixing import parse_mix_arg, resolve_mix
 
     options = GenerateOptions(
         prompt=args.prompt, lora_scale=args.scale, seed=args.seed, steps=args.steps, guidance=args.guidance,
         aspect=args.aspect, resolution=args.resolution, width=args.width, height=args.height,
         num_images=args.num_images, wrap_style=not args.no_style_wrap,
+        mix=[parse_mix_arg(m) for m in args.mix], style_schedule=args.style_schedule,
+        fusion_weight=args.fusion_weight, noise_prior=args.noise_prior,
     ).validate()
     template = store.get(args.template) if args.template else None
+    mix = resolve_mix(store, options.mix)
+    check_request(options, (template.path, template.meta) if template else None, mix)  # before loading a model
     backbone_id = args.backbone or (template.backbone if template else "tiny")
     backbone = load_backbone(backbone_id)
     files = generate(backbone, options, Path(args.out),
                      (template.path, template.meta) if template else None,
-                     stem=template.id if template else "base")
+                     stem=template.id if template else "base", mix=mix)
     for f in files:
         print(f)
     return 0

@@ -2,6 +2,9 @@
 
 The base pipeline stays loaded; templates' LoRAs are swapped in and out with diffusers'
 ``load_lora_weights`` / ``set_adapters`` / ``delete_adapters``, never by reloading the model.
+Options beyond plain sampling, all off by default: mixing further templates in at their own
+weights (:mod:`studio.mixing`), fusion / style-schedule sampling (:mod:`studio.fusion`) and
+starting from the template's style noise prior (:mod:`studio.noise_prior`).
 """
 
 from __future__ import annotations
@@ -9,15 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from . import fusion
 from .backbones.base import Backbone
 from .errors import InputError
 from .images import validate_prompt
+from .mixing import MixedTemplate, resolve_mix, validate_mix
+from .noise_prior import NoisePrior, start_latents
 from .training import ADAPTER as TRAINING_ADAPTER
 from .training import style_caption
 
@@ -42,6 +48,11 @@ class GenerateOptions:
     height: int | None = None
     num_images: int = 1
     wrap_style: bool = True  # "{prompt} in {style} style", as in training
+    # Further templates mixed in on top of the main one: [{"template": id or folder, "scale": 0.6}]
+    mix: list[dict] = field(default_factory=list)
+    style_schedule: float | None = None  # apply the template only in the first X of the steps
+    fusion_weight: float = 1.0  # per step v_base + w (v_template - v_base); 1 = plain template
+    noise_prior: bool = False  # start from the template's style noise prior instead of N(0, I)
 
     def validate(self) -> GenerateOptions:
         self.prompt = validate_prompt(self.prompt, "prompt", max_chars=1000)
@@ -56,6 +67,11 @@ class GenerateOptions:
         for side in (self.width, self.height):
             if side is not None and not 32 <= side <= 2048:
                 raise InputError("width and height must be between 32 and 2048")
+        self.mix = validate_mix(self.mix)
+        if self.style_schedule is not None and not 0.0 <= self.style_schedule <= 1.0:
+            raise InputError("style schedule must be a fraction of the steps between 0 and 1")
+        if not 0.0 <= self.fusion_weight <= 2.0:
+            raise InputError("fusion weight must be between 0 and 2")
         return self
 
 
@@ -97,28 +113,35 @@ def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) 
                 raise InputError(f"template {Path(path).name!r} does not fit this backbone: {exc}") from exc
     if wanted:
         pipe.set_adapters(list(wanted), adapter_weights=[scale for _, scale in wanted.values()])
+        # set_adapters does not undo an earlier disable_lora (no-template generation during a
+        # training): without this, a template generated right after one would come out bare.
+        pipe.enable_lora()
     elif loaded & {TRAINING_ADAPTER}:
         pipe.disable_lora()
 
 
 def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
-             template: tuple[Path, dict] | None = None, stem: str = "image") -> list[Path]:
+             template: tuple[Path, dict] | None = None, stem: str = "image",
+             mix: list[MixedTemplate] | None = None) -> list[Path]:
     """Generate ``options.num_images`` PNGs (seeds ``seed, seed+1, ...``) into ``out_dir``.
 
-    ``template`` is ``(folder, template.json dict)`` or None for the bare base model. Each PNG
-    carries its generation parameters in PNG text chunks ("parameters" and "studio").
+    ``template`` is ``(folder, template.json dict)`` or None for the bare base model. ``mix``
+    holds the resolved ``(folder, template.json dict, scale)`` of ``options.mix`` (see
+    :func:`studio.mixing.resolve_mix`; entries that are folder paths are resolved here when it
+    is None). Each PNG carries its generation parameters in PNG text chunks ("parameters" and
+    "studio").
     """
     options.validate()
+    if mix is None:
+        mix = resolve_mix(None, options.mix)
+    prior = check_request(options, template, mix, backbone.family)
     style = None
     resolution = options.resolution or backbone.default_resolution
     if template is not None:
         folder, meta = template
-        if meta.get("family") and meta["family"] != backbone.family:
-            raise InputError(f"template {meta.get('name')!r} was trained for {meta['family']}, "
-                             f"not for the loaded {backbone.family} backbone")
         style = meta.get("style_prompt")
         resolution = options.resolution or meta.get("recipe", {}).get("resolution") or resolution
-        activate_templates(backbone, [(folder, options.lora_scale)])
+        activate_templates(backbone, [(folder, options.lora_scale)] + [(f, scale) for f, _, scale in mix])
     else:
         activate_templates(backbone, [])
     width, height = size_for_aspect(options.aspect, resolution, backbone.size_multiple)
@@ -128,6 +151,9 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
     prompt = final_prompt(options.prompt, style, options.wrap_style)
     steps = options.steps or backbone.default_steps
     guidance = backbone.default_guidance if options.guidance is None else options.guidance
+    weights = None
+    if fusion.is_active(options.fusion_weight, options.style_schedule):
+        weights = fusion.step_weights(steps, options.fusion_weight, options.style_schedule)
     conds = backbone.encode_prompts([prompt])
     negative = None
     if backbone.negative_prompt() is not None:
@@ -136,16 +162,46 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
     files = []
     for k in range(options.num_images):
         seed = options.seed + k
-        image = backbone.generate(conds[0], seed=seed, steps=steps, guidance=guidance,
-                                  width=width, height=height, negative=negative)
+        latents = start_latents(backbone, prior, seed, width, height) if prior is not None else None
+        sample = dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                      negative=negative, latents=latents)
+        if weights is None:
+            image = backbone.generate(conds[0], **sample)
+        else:
+            image = fusion.fused_generate(backbone, conds[0], weights, **sample)
         params = {**asdict(options), "seed": seed, "steps": steps, "guidance": guidance,
                   "width": width, "height": height, "final_prompt": prompt,
                   "backbone": backbone.backbone_id,
-                  "template": template[1].get("id") if template else None}
+                  "template": template[1].get("id") if template else None,
+                  "mix": [{"template": m.get("id") or m.get("name") or Path(f).name, "scale": scale}
+                          for f, m, scale in mix]}
         path = out_dir / f"{stem}_{seed}.png"
         save_png(image, path, params)
         files.append(path)
     return files
+
+
+def check_request(options: GenerateOptions, template: tuple[Path, dict] | None, mix: list[MixedTemplate],
+                  family: str | None = None) -> NoisePrior | None:
+    """What can be checked before any model work; returns the noise prior to start from, if any.
+
+    Callers that load a model first (the CLI) call it early; :func:`generate` calls it again.
+    """
+    if mix and template is None:
+        raise InputError("mixing needs a main template: pick one, then mix others into it")
+    if template is None:
+        if fusion.is_active(options.fusion_weight, options.style_schedule) or options.noise_prior:
+            raise InputError("fusion, style schedule and noise prior need a template")
+        return None
+    folder, meta = template
+    family = family or meta.get("family")  # no model loaded yet: mixed templates must match the main one
+    for f, m in [(folder, meta)] + [(f, m) for f, m, _ in mix]:
+        if family and m.get("family") and m["family"] != family:
+            raise InputError(f"template {m.get('name') or Path(f).name!r} was trained for {m['family']}, "
+                             f"not for the {family} backbone")
+    if Path(folder).resolve() in {Path(f).resolve() for f, _, _ in mix}:
+        raise InputError("the main template cannot be mixed into itself; change its strength instead")
+    return NoisePrior.load(folder) if options.noise_prior else None
 
 
 def save_png(image: Image.Image, path: Path, params: dict) -> None:

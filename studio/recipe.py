@@ -37,6 +37,7 @@ class Recipe:
     sigma: float | None = None
     shift: float | None = None
     offset_noise: float = 0.0
+    noise_prior: bool = False  # Diffusion in Style: training noise ~ N(mean, std^2) of the references
     resolution: int | None = None  # pixel budget side; None: backbone default (512, tiny 64)
     seed: int = 0
     train_guidance: float = 1.0  # FLUX-dev's guidance embedding while training (paper: 1.0)
@@ -60,6 +61,7 @@ class Recipe:
             (self.sigma is None or self.sigma > 0, "sigma must be positive"),
             (self.shift is None or self.shift > 0, "shift must be positive"),
             (0 <= self.offset_noise <= 1, "offset noise must be between 0 and 1"),
+            (isinstance(self.noise_prior, bool), "noise prior must be true or false"),
             (self.resolution is None or 32 <= self.resolution <= 2048,
              "resolution must be between 32 and 2048"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"),

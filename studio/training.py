@@ -34,6 +34,7 @@ from . import snr
 from .backbones.base import Backbone, LatentDist
 from .errors import CancelledError
 from .images import fit_to_budget, make_thumbnail
+from .noise_prior import NoisePrior, compute_prior, start_latents
 from .recipe import Recipe
 
 ADAPTER = "studio_train"
@@ -141,6 +142,9 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
         negative = backbone.encode_prompts([backbone.negative_prompt()])[0]
     latents = backbone.encode_images(images)
     backbone.offload_encoders()  # text encoders and VAE encoder are not needed any more
+    # Diffusion in Style: the forward-process noise comes from the references' statistics.
+    # Deterministic in the references, so a resumed run computes the same prior again.
+    prior = compute_prior([lat.mean for lat in latents]) if recipe.noise_prior else None
 
     # 2. Attach the LoRA (paper: rank 32, alpha = rank, gaussian init, transformer only).
     params = attach_lora(backbone, recipe)
@@ -156,7 +160,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     truncate_metrics(metrics_path, start)
     resolution = request["recipe"]["resolution"]
     preview = PreviewWriter(backbone, run_dir / "previews", preview_conds, negative, resolution,
-                            recipe.preview_steps)
+                            recipe.preview_steps, prior)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -176,7 +180,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
                 i = (step * recipe.grad_accum + micro) % len(latents)
                 with autocast:
                     loss, t = flow_matching_loss(backbone, latents[i], train_conds[i], sampler, generator,
-                                                 recipe.offset_noise, recipe.train_guidance)
+                                                 recipe.offset_noise, recipe.train_guidance, prior)
                 (loss / recipe.grad_accum).backward()
                 loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
                 ts.append(float(t[0]))
@@ -200,7 +204,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
             if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.steps:
                 save_checkpoint(run_dir, transformer, optimizer, step)
                 observer.on_checkpoint(step)
-        return write_result(backbone, run_dir, request, recipe, sampler)
+        return write_result(backbone, run_dir, request, recipe, sampler, prior)
     finally:
         if checkpointing:
             transformer.disable_gradient_checkpointing()
@@ -229,14 +233,20 @@ def attach_lora(backbone: Backbone, recipe: Recipe) -> list[torch.nn.Parameter]:
 
 def flow_matching_loss(backbone: Backbone, latent: LatentDist, cond, sampler: snr.NoiseSampler,
                        generator: torch.Generator, offset_noise: float = 0.0,
-                       guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                       guidance: float = 1.0, noise_prior: NoisePrior | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample's loss ``|| (eps - x0) - v(x_t, t) ||^2`` (paper Eq. 3) and its ``t``.
 
-    Draw order (x0, t, eps) is fixed so a seeded generator reproduces the exact sample.
+    Draw order (x0, t, eps) is fixed so a seeded generator reproduces the exact sample. With a
+    style ``noise_prior`` eps is ``mean + std * z`` instead of ``z`` (same draws), and the
+    target stays ``eps - x0`` with that eps.
     """
     x0 = latent.sample(generator)
     t = sampler.sample(1, generator)
-    noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator).to(x0.device)
+    noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator)
+    if noise_prior is not None:
+        noise = noise_prior.apply(noise)
+    noise = noise.to(x0.device)
     x_t = snr.add_noise(x0, t.to(x0.device), noise)
     pred = backbone.predict_velocity(x_t, t, cond, guidance)
     return F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float()), t
@@ -276,20 +286,26 @@ def peak_memory(on_gpu: bool) -> int:
 
 
 class PreviewWriter:
-    """Renders the preview prompts at fixed seeds with the LoRA as it currently is."""
+    """Renders the preview prompts at fixed seeds with the LoRA as it currently is.
+
+    With a style noise prior the previews start from it, as the finished template will.
+    """
 
     def __init__(self, backbone: Backbone, folder: Path, conds, negative, resolution: int,
-                 steps: int | None):
+                 steps: int | None, noise_prior: NoisePrior | None = None):
         self.backbone, self.folder, self.conds, self.negative = backbone, folder, conds, negative
-        self.resolution, self.steps = resolution, steps
+        self.resolution, self.steps, self.noise_prior = resolution, steps, noise_prior
         folder.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int) -> list[Path]:
         files = []
         for i, cond in enumerate(self.conds):
-            image = self.backbone.generate(cond, seed=PREVIEW_SEED + i, steps=self.steps,
-                                           width=self.resolution, height=self.resolution,
-                                           negative=self.negative)
+            seed, size = PREVIEW_SEED + i, self.resolution
+            latents = None
+            if self.noise_prior is not None:
+                latents = start_latents(self.backbone, self.noise_prior, seed, size, size)
+            image = self.backbone.generate(cond, seed=seed, steps=self.steps, width=size, height=size,
+                                           negative=self.negative, latents=latents)
             path = self.folder / f"step_{step:04d}_p{i}.png"
             image.save(path.with_suffix(".tmp.png"))
             os.replace(path.with_suffix(".tmp.png"), path)
@@ -354,7 +370,7 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recipe,
-                 sampler: snr.NoiseSampler) -> Path:
+                 sampler: snr.NoiseSampler, noise_prior: NoisePrior | None = None) -> Path:
     """Assemble the finished template folder in ``run_dir/result`` (moved into the store later)."""
     result = run_dir / "result.tmp"
     shutil.rmtree(result, ignore_errors=True)
@@ -392,6 +408,9 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
         "thumbnail": "thumbnail.png",
         "final_loss": last_loss(run_dir / "metrics.jsonl"),
     }
+    if noise_prior is not None:
+        noise_prior.save(result)
+        meta["noise_prior"] = noise_prior.describe()
     write_json(result / "template.json", meta)
     final = run_dir / "result"
     shutil.rmtree(final, ignore_errors=True)

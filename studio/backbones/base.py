@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,26 @@ class LatentDist:
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+
+@dataclass
+class Sampling:
+    """One denoising run set up exactly as the family's diffusers pipeline sets it up.
+
+    :mod:`studio.fusion` drives it step by step: ``velocity(latents, t)`` is the pipeline's
+    (guided) prediction at scheduler time step ``t``, ``pipe.scheduler.step`` the Euler update
+    (the scheduler is already set to ``timesteps``), ``decode`` the pipeline's output stage.
+    """
+
+    latents: torch.Tensor  # the start, in the pipeline's layout (FLUX: packed 2x2 tokens)
+    timesteps: torch.Tensor  # the scheduler's time steps, on its 0..1000 scale
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    decode: Callable[[torch.Tensor], Image.Image]
+
+
+def decoder_device(pipe) -> torch.device:
+    """Where the VAE decoder runs (the encoder may be offloaded to the CPU meanwhile)."""
+    return next(pipe.vae.decoder.parameters()).device
 
 
 def default_device() -> torch.device:
@@ -145,6 +166,27 @@ class Backbone(ABC):
             generator=generator, latents=latents, output_type="pil",
         )
         return result.images[0]
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
+        """Shape (C, h, w) of the unpacked latent the pipeline starts from at this image size."""
+        f = self.vae_scale_factor
+        return self.pipe.vae.config.latent_channels, height // f, width // f
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unpacked latents (B, C, h, w) in the layout the pipeline's ``latents=`` argument takes."""
+        return latents
+
+    def prepare_sampling(self, cond: Cond, *, seed: int, steps: int | None = None,
+                         guidance: float | None = None, width: int | None = None, height: int | None = None,
+                         negative: Cond | None = None, latents: torch.Tensor | None = None) -> Sampling:
+        """Set up a step-by-step run equal to :meth:`generate` with the same arguments."""
+        raise NotImplementedError(f"{type(self).__name__} has no step-by-step sampler")
+
+    def _sampling_defaults(self, steps: int | None, guidance: float | None, width: int | None,
+                           height: int | None) -> tuple[int, float, int, int]:
+        size = self.default_resolution
+        return (steps or self.default_steps, self.default_guidance if guidance is None else guidance,
+                width or size, height or size)
 
     # -- memory -----------------------------------------------------------------------------
 

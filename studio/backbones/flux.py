@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from PIL import Image
 
-from .base import Backbone, Cond
+from .base import Backbone, Cond, Sampling, decoder_device
 
 # The paper's LoRA targets for FLUX (appendix, Fig. S3). In the 19 double-stream blocks they
 # hit the attention of both streams (image: to_q/k/v, to_out.0; text: add_q/k/v_proj); in the
@@ -67,6 +70,53 @@ class FluxBackbone(Backbone):
             "pooled_prompt_embeds": cond["pooled_prompt_embeds"],
             "guidance_scale": guidance,
         }
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        return FluxPipeline._pack_latents(latents, b, c, h, w)
+
+    @torch.no_grad()
+    def prepare_sampling(self, cond: Cond, *, seed: int, steps: int | None = None,
+                         guidance: float | None = None, width: int | None = None, height: int | None = None,
+                         negative: Cond | None = None, latents: torch.Tensor | None = None) -> Sampling:
+        # Mirrors FluxPipeline.__call__ (diffusers 0.3x-0.4x) line by line, so a run whose every
+        # step uses this velocity reproduces the pipeline's image exactly. No true CFG: the
+        # pipeline only does it with true_cfg_scale > 1, which generate() never passes.
+        pipe = self.pipe
+        steps, guidance, width, height = self._sampling_defaults(steps, guidance, width, height)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        channels = self.transformer.config.in_channels // 4
+        start, image_ids = pipe.prepare_latents(1, channels, height, width, embeds.dtype, self.device,
+                                                generator, latents)
+        config = pipe.scheduler.config
+        sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(start.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                             config.get("max_shift", 1.15))
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        pipe.scheduler.set_begin_index(0)
+        guidance_vec = None
+        if self.transformer.config.guidance_embeds:
+            guidance_vec = torch.full([1], guidance, device=self.device, dtype=torch.float32).expand(1)
+        text_ids = cond["text_ids"]
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            timestep = t.expand(x.shape[0]).to(x.dtype)
+            return self.transformer(
+                hidden_states=x, timestep=timestep / 1000, guidance=guidance_vec, pooled_projections=pooled,
+                encoder_hidden_states=embeds, txt_ids=text_ids, img_ids=image_ids, joint_attention_kwargs={},
+                return_dict=False,
+            )[0]
+
+        def decode(x: torch.Tensor) -> Image.Image:
+            x = pipe._unpack_latents(x, height, width, pipe.vae_scale_factor)
+            x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            # the decoder's device: while a training runs, the VAE *encoder* sits on the CPU
+            image = pipe.vae.decode(x.to(decoder_device(pipe)), return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+        return Sampling(start, timesteps, velocity, decode)
 
 
 def unpack(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
+from PIL import Image
 
-from .base import Backbone, Cond
+from .base import Backbone, Cond, Sampling, decoder_device
 
 # The paper's LoRA targets for SD3/3.5 (appendix, Fig. S3): every attention projection of
 # both streams of the joint blocks. The last block is context_pre_only and has no
@@ -62,3 +67,45 @@ class SD3Backbone(Backbone):
         elif guidance > 1:
             kwargs["guidance_scale"] = 1.0  # no negative conditioning: plain conditional sampling
         return kwargs
+
+    @torch.no_grad()
+    def prepare_sampling(self, cond: Cond, *, seed: int, steps: int | None = None,
+                         guidance: float | None = None, width: int | None = None, height: int | None = None,
+                         negative: Cond | None = None, latents: torch.Tensor | None = None) -> Sampling:
+        # Mirrors StableDiffusion3Pipeline.__call__, classifier-free guidance included: the
+        # negative and positive halves go through the transformer as one batch, as there.
+        pipe = self.pipe
+        steps, guidance, width, height = self._sampling_defaults(steps, guidance, width, height)
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        embeds, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
+        cfg = negative is not None and guidance > 1  # no negative: plain conditional, like pipeline_kwargs
+        if cfg:
+            embeds = torch.cat([negative["prompt_embeds"], embeds], dim=0)
+            pooled = torch.cat([negative["pooled_prompt_embeds"], pooled], dim=0)
+        start = pipe.prepare_latents(1, self.transformer.config.in_channels, height, width,
+                                     cond["prompt_embeds"].dtype, self.device, generator, latents)
+        config, kwargs = pipe.scheduler.config, {}
+        if config.get("use_dynamic_shifting"):
+            patch = self.transformer.config.patch_size
+            kwargs["mu"] = calculate_shift(
+                (start.shape[2] // patch) * (start.shape[3] // patch), config.get("base_image_seq_len", 256),
+                config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                config.get("max_shift", 1.16))
+        timesteps, _ = retrieve_timesteps(pipe.scheduler, steps, self.device, **kwargs)
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            model_input = torch.cat([x] * 2) if cfg else x
+            out = self.transformer(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
+                                   encoder_hidden_states=embeds, pooled_projections=pooled,
+                                   joint_attention_kwargs=None, return_dict=False)[0]
+            if not cfg:
+                return out
+            uncond, text = out.chunk(2)
+            return uncond + guidance * (text - uncond)
+
+        def decode(x: torch.Tensor) -> Image.Image:
+            x = x / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            image = pipe.vae.decode(x.to(decoder_device(pipe)), return_dict=False)[0]
+            return pipe.image_processor.postprocess(image, output_type="pil")[0]
+
+        return Sampling(start, timesteps, velocity, decode)
