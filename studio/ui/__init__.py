@@ -1,0 +1,67 @@
+"""The studio's web UI: one module per tab (wiring only), the public API endpoints, and
+:func:`build_demo`, which puts them together and wires the events that cross tabs."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ..api import StudioAPI
+from . import endpoints, gallery_tab, generate_tab, present, train_tab
+from .common import demo_notice
+
+
+def build_demo(api: StudioAPI) -> gr.Blocks:
+    """The whole app as a ``gr.Blocks`` (launch it with CSS/theme from :mod:`studio.ui.common`)."""
+    with gr.Blocks(title="Style Template Studio", analytics_enabled=False) as demo:
+        gr.Markdown("# Style Template Studio\nTeach a model your style from a few images, then make pictures, "
+                    "comics and memes with it.", elem_id="app-title")
+        notice = demo_notice(api.backbone or "")
+        if notice:
+            gr.Markdown(notice, elem_id="demo-notice")
+        endpoints.build(api)  # first: the public API names are never taken by a tab's private event
+        with gr.Tabs(selected="train") as tabs:
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                train = train_tab.build(api)
+            with gr.Tab("Gallery", id="gallery", elem_id="tab-gallery"):
+                gallery = gallery_tab.build(api)
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                generate = generate_tab.build(api)
+
+        def choices(selected=None):
+            templates = api.templates()
+            ids = {t["id"] for t in templates}
+            if selected in ids:
+                return gr.Dropdown(choices=present.template_choices(templates), value=selected)
+            return gr.Dropdown(choices=present.template_choices(templates))
+
+        def go_generate(template_id, prompt, old_style):
+            """Switch to the Generate tab with this template picked and the prompt in its style."""
+            t = api.template(template_id) if template_id else None
+            style = t["style_prompt"] if t else ""
+            return (gr.Tabs(selected="generate"), choices(template_id),
+                    present.rewrap_prompt(prompt, old_style, style), style)
+
+        go_outputs = [tabs, generate.template, generate.prompt, generate.style]
+        gallery.use.click(go_generate, [gallery.selected, generate.prompt, generate.style], go_outputs,
+                          api_visibility="private")
+        train.use.click(go_generate, [train.finished, generate.prompt, generate.style], go_outputs,
+                        api_visibility="private")
+
+        # A training finished: the gallery and the template picker show the new template.
+        def after_training(template_id, query):
+            return gallery.refresh[0](query, template_id or "") + (choices(),)
+
+        train.finished.change(after_training, [train.finished, gallery.search],
+                              gallery.refresh[2] + [generate.template], api_visibility="private")
+        # Keep the picker in step with imports, renames and deletions in the gallery.
+        gallery.ids.change(lambda: choices(), None, generate.template, api_visibility="private")
+
+        def on_load(job_id, query, selected):
+            return train.reattach[0](job_id) + gallery.refresh[0](query, selected) + (choices(),)
+
+        demo.load(on_load, [train.job, gallery.search, gallery.selected],
+                  train.reattach[2] + gallery.refresh[2] + [generate.template], api_visibility="private")
+    return demo
+
+
+__all__ = ["build_demo"]

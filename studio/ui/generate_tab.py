@@ -1,0 +1,111 @@
+"""Generate tab: text-to-image, comic pages and memes in a template's style."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import gradio as gr
+
+from ..api import StudioAPI
+from ..compose import LAYOUTS
+from ..generation import ASPECTS
+from . import present
+from .common import guard
+
+MODES = [("Picture", "text-to-image"), ("Comic page", "multi-panel"), ("Meme", "meme")]
+LAYOUT_CHOICES = [("Automatic", "auto")] + [(f"{r} row{'s' if r != '1' else ''} × {c}", v)
+                                           for v in LAYOUTS[1:] for r, c in [v.split("x")]]
+PANEL_EXAMPLE = ("a cat wakes up in a sunny bedroom | Monday morning.\na cat stares at an empty food bowl | "
+                 "No breakfast?!\na cat knocks a cup off the table | Revenge.\na cat sleeps on a laptop | Nap time.")
+DEFAULT_PROMPT = "a cozy wood cabin in the snow"
+
+
+def build(api: StudioAPI) -> SimpleNamespace:
+    """Lay out the Generate tab and wire its own events; returns its components."""
+    ui = SimpleNamespace()
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=320):
+            ui.template = gr.Dropdown(present.template_choices([]), value="", label="Style template",
+                                      elem_id="template-picker", filterable=True)
+            ui.mode = gr.Radio(MODES, value="text-to-image", label="Make a…", elem_id="gen-mode")
+            ui.prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", lines=2, elem_id="gen-prompt",
+                                   info="Picking a template adds its style words at the end; edit anything.")
+            with gr.Group(visible=False) as ui.comic_box:
+                ui.panels = gr.Textbox(label="Panels — one prompt per line (2 to 6)", lines=4, value=PANEL_EXAMPLE,
+                                       info="Text after a | is printed in a caption strip under the panel. "
+                                            "The template's style is added to every panel.",
+                                       elem_id="panel-prompts")
+                with gr.Row():
+                    ui.layout = gr.Dropdown(LAYOUT_CHOICES, value="auto", label="Layout", elem_id="panel-layout")
+                    ui.gutter = gr.Slider(0, 64, value=16, step=2, label="Gutter (px)")
+                    ui.border = gr.Slider(0, 16, value=4, step=1, label="Border (px)")
+                ui.single = gr.Checkbox(False, label="Single shot: one image at the reference's shape (for templates "
+                                                     "trained on a whole comic page; uses the prompt above)",
+                                        elem_id="single-shot")
+            with gr.Group(visible=False) as ui.meme_box:
+                with gr.Row():
+                    ui.top = gr.Textbox(label="Top text", max_lines=2, elem_id="meme-top")
+                    ui.bottom = gr.Textbox(label="Bottom text", max_lines=2, elem_id="meme-bottom")
+                ui.meme_style = gr.Radio([("Classic captions (white, black outline)", "classic"),
+                                          ("Drawn by the model (in-image typography)", "typography")],
+                                         value="classic", label="Lettering", elem_id="meme-style")
+            with gr.Accordion("Size, seed, strength and steps", open=False, elem_id="gen-settings"):
+                ui.scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Style strength (LoRA scale)")
+                ui.aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio (width:height)")
+                with gr.Row():
+                    ui.count = gr.Slider(1, 4, value=1, step=1, label="Images")
+                    ui.seed = gr.Number(0, label="Seed", precision=0, minimum=0)
+                    ui.dice = gr.Button("Random seed", size="sm")
+                with gr.Row():
+                    ui.steps = gr.Slider(1, 60, value=28, step=1, label="Denoising steps")
+                    ui.guidance = gr.Slider(0.0, 15.0, value=7.0, step=0.5, label="Guidance")
+            ui.go = gr.Button("Generate", variant="primary", size="lg", elem_id="generate-button")
+        with gr.Column(scale=7, min_width=320):
+            ui.result = gr.Gallery(label="Results", columns=2, height=640, object_fit="contain", format="png",
+                                   elem_id="generated", buttons=["download", "fullscreen"])
+            ui.files = gr.File(label="Download as PNG (the settings are saved inside each file)",
+                               file_count="multiple", interactive=False, elem_id="generated-files", visible=False)
+    ui.style = gr.State("")  # the selected template's style prompt (to swap the prompt's ending)
+
+    def on_template(template_id, prompt, old_style):
+        t = api.template(template_id) if template_id else None
+        style = t["style_prompt"] if t else ""
+        return present.rewrap_prompt(prompt, old_style, style), style
+
+    ui.template.change(on_template, [ui.template, ui.prompt, ui.style], [ui.prompt, ui.style],
+                       api_visibility="private")
+
+    def on_mode(mode, single):
+        comic = mode == "multi-panel"
+        return (gr.Group(visible=comic), gr.Group(visible=mode == "meme"),
+                gr.Textbox(visible=not comic or single))
+
+    ui.mode.change(on_mode, [ui.mode, ui.single], [ui.comic_box, ui.meme_box, ui.prompt], api_visibility="private",
+                   queue=False)
+    ui.single.change(on_mode, [ui.mode, ui.single], [ui.comic_box, ui.meme_box, ui.prompt],
+                     api_visibility="private", queue=False)
+    ui.dice.click(lambda: random.randint(0, 2**31 - 1), None, ui.seed, api_visibility="private", queue=False)
+
+    @guard
+    def run(template_id, mode, prompt, panels, layout, gutter, border, single, top, bottom, meme_style, scale,
+            aspect, count, seed, steps, guidance, progress=gr.Progress()):
+        options = {"lora_scale": float(scale), "aspect": aspect, "num_images": int(count), "seed": int(seed or 0),
+                   "steps": int(steps), "guidance": float(guidance), "wrap_style": False}
+        if mode == "multi-panel":
+            options.update(panels=panels, layout=layout, gutter=int(gutter), border=int(border),
+                           single_shot=bool(single))
+            options["wrap_style"] = True  # panel prompts are content only: add the style to each
+            if not single:
+                options["num_images"] = 1
+        elif mode == "meme":
+            options.update(top=top, bottom=bottom, meme_style=meme_style)
+        progress(0.05, desc="queued")
+        files = api.generate(template_id, prompt, mode, options, progress=lambda msg: progress(0.5, desc=msg))
+        paths = [str(f) for f in files]
+        return paths, gr.File(value=paths, visible=True)
+
+    ui.go.click(run, [ui.template, ui.mode, ui.prompt, ui.panels, ui.layout, ui.gutter, ui.border, ui.single,
+                      ui.top, ui.bottom, ui.meme_style, ui.scale, ui.aspect, ui.count, ui.seed, ui.steps,
+                      ui.guidance], [ui.result, ui.files], api_visibility="private", concurrency_limit=4)
+    return ui

@@ -1,0 +1,200 @@
+"""Turning job and template data into what the page shows: HTML snippets, plot tables, captions.
+
+Pure functions, no Gradio, so the tab modules stay wiring only and this is testable alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import math
+import re
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from ..backbones import KNOWN_BACKBONES
+
+STATE_LABELS = {"queued": "Waiting", "running": "Training", "done": "Done", "failed": "Failed",
+                "cancelled": "Cancelled"}
+T_BINS = 25
+T_COLORS = {"this run": "#dc2626", "style-friendly": "#2563eb", "SD3": "#f59e0b", "SD3 baseline": "#f59e0b",
+            "uniform": "#6b7280"}
+EMA_ALPHA = 0.1
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """``75`` -> ``"1:15"``; ``3700`` -> ``"1:01:40"``; None -> ``"–"``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "–"
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_date(value: str | None) -> str:
+    """An ISO time as "2026-11-22 14:03" (local time), or the raw text."""
+    if not value:
+        return ""
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return value
+
+
+def status_html(status: dict | None) -> str:
+    """The live status panel: state, message, progress bar, step / total, speed and ETA."""
+    if not status:
+        return ('<div class="job-card idle"><b>No training yet.</b> Add reference images, describe the style '
+                'and press <b>Train</b>. Progress, the loss curve and previews appear here.</div>')
+    state = status.get("state") or "queued"
+    step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
+    pct = 100.0 if state == "done" else (100.0 * step / total if total else 0.0)
+    parts = []
+    if state == "queued":
+        pos = status.get("queue_position")
+        parts.append(f"position {pos} in the queue" if pos else "in the queue")
+    if total and state != "queued":
+        parts.append(f"step {step} / {total}")
+    sps = status.get("sec_per_step")
+    if state == "running" and sps:
+        parts.append(f"{1 / sps:.2f} it/s" if sps < 1 else f"{sps:.1f} s/it")
+    if state == "running" and status.get("eta_s") is not None:
+        parts.append(f"ETA {fmt_duration(status['eta_s'])}")
+    message = status.get("error") if state == "failed" else status.get("message")
+    name = html.escape(status.get("name") or "")
+    return (
+        f'<div class="job-card {state}">'
+        f'<div class="job-head"><span class="badge {state}">{STATE_LABELS.get(state, state)}</span> '
+        f'<b>{name}</b> <span class="job-meta">{" · ".join(html.escape(p) for p in parts)}</span></div>'
+        f'<div class="bar" role="progressbar" aria-valuenow="{pct:.0f}" aria-valuemin="0" aria-valuemax="100">'
+        f'<div class="fill {state}" style="width:{pct:.1f}%"></div></div>'
+        f'<div class="job-msg">{html.escape(message or "")}</div></div>'
+    )
+
+
+def loss_frame(losses: list[float | None]) -> pd.DataFrame | None:
+    """Loss per step, raw and smoothed (bias-corrected EMA), in long form for a colour series."""
+    rows, ema, weight = [], 0.0, 0.0
+    for i, loss in enumerate(losses, start=1):
+        if loss is None or not math.isfinite(loss):
+            continue
+        ema = (1 - EMA_ALPHA) * ema + EMA_ALPHA * loss
+        weight = (1 - EMA_ALPHA) * weight + EMA_ALPHA
+        rows.append((i, float(loss), "raw"))
+        rows.append((i, ema / weight, "smoothed"))
+    if not rows:  # None, not an empty frame: a plot that starts empty never draws its colour series
+        return None
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _histogram(values: list[float], bins: int = T_BINS) -> list[float]:
+    counts = [0] * bins
+    for v in values:
+        counts[min(bins - 1, max(0, int(v * bins)))] += 1
+    n = max(1, len(values))
+    return [c * bins / n for c in counts]  # density: integrates to 1 over (0, 1)
+
+
+@functools.lru_cache(maxsize=32)
+def _expected(name: str, family: str, mu: float | None, sigma: float | None, shift: float | None) -> tuple:
+    """Density of a sampler's t per bin, from 20k seeded draws of studio.snr's own sampler."""
+    import torch
+
+    from ..snr import sampler_for
+
+    sampler = sampler_for(name, family, mu, sigma, shift)
+    draws = sampler.sample(20_000, torch.Generator().manual_seed(0)).tolist()
+    return tuple(_histogram(draws))
+
+
+def t_frame(ts: list[float], recipe: dict | None, backbone: str | None) -> pd.DataFrame:
+    """Histogram of the noise levels t sampled so far, against this run's sampler and SD3's."""
+    recipe = recipe or {}
+    family = KNOWN_BACKBONES.get(backbone or "", ("flux", ""))[0]
+    name = recipe.get("sampler") or "style_friendly"
+    centers = [(i + 0.5) / T_BINS for i in range(T_BINS)]
+    # The sampled series is always there (zeros before the first step) so the legend never changes.
+    sampled = _histogram([float(t) for t in ts if t is not None]) if ts else [0.0] * T_BINS
+    series = [("this run", sampled)]  # short labels: the legend sits under a narrow plot
+    label = {"style_friendly": "style-friendly", "sd3": "SD3"}.get(name, name)
+    series.append((label, list(_expected(name, family, recipe.get("mu"), recipe.get("sigma"), recipe.get("shift")))))
+    if name != "sd3":
+        series.append(("SD3 baseline", list(_expected("sd3", family, None, None, None))))
+    rows = [(c, d, label) for label, dens in series for c, d in zip(centers, dens, strict=True)]
+    return pd.DataFrame(rows, columns=["t (noise level)", "density", "sampler"])
+
+
+def preview_items(previews: list[dict], prompts: list[str]) -> list[tuple[str, str]]:
+    """Gallery items for the training previews: newest step first, one caption per image."""
+    items = []
+    for entry in sorted(previews or [], key=lambda e: e["step"], reverse=True):
+        step = entry["step"]
+        for i, path in enumerate(entry["files"]):
+            what = prompts[i] if i < len(prompts) else f"prompt {i + 1}"
+            when = "step 0 · base model" if step == 0 else f"step {step}"
+            items.append((path, f"{when} · {what}"))
+    return items
+
+
+def gallery_items(templates: list[dict]) -> list[tuple[str, str]]:
+    """Gallery tiles for templates (thumbnail, name)."""
+    out = []
+    for t in templates:
+        image = t.get("thumbnail") or (t.get("previews") or [None])[-1] or (t.get("references") or [None])[0]
+        if image:
+            out.append((image, t["name"]))
+    return out
+
+
+def final_previews(paths: list[str]) -> list[str]:
+    """The previews of a template's last training step (the finished style), else all of them."""
+    steps = [(int(m[1]), p) for p in paths if (m := re.search(r"step_(\d+)_", Path(p).name))]
+    if not steps:
+        return paths
+    last = max(s for s, _ in steps)
+    return [p for s, p in steps if s == last]
+
+
+def template_card(t: dict | None) -> str:
+    """Markdown details of one template."""
+    if not t:
+        return "*Select a template on the left to see it here.*"
+    lines = [f"### {t['name']}", f"**Style prompt:** {t['style_prompt'] or '—'}"]
+    meta = [f"backbone `{t['backbone'] or '?'}`"]
+    if t.get("created"):
+        meta.append(f"created {fmt_date(t['created'])}")
+    if t.get("steps"):
+        meta.append(f"{t['steps']} steps")
+    if t.get("sampler"):
+        meta.append(f"{t['sampler'].replace('_', '-')} sampler")
+    if t.get("references"):
+        meta.append(f"{len(t['references'])} reference image(s)")
+    if t.get("imported"):
+        meta.append("imported" + (f" from `{t['source_repo']}`" if t.get("source_repo") else ""))
+    lines.append(" · ".join(meta))
+    return "\n\n".join(lines)
+
+
+def template_choices(templates: list[dict]) -> list[tuple[str, str]]:
+    """Dropdown choices: (label, id), with "no template" first."""
+    return [("No template (base model)", "")] + [(f"{t['name']} — {t['style_prompt']}"[:90], t["id"])
+                                                 for t in templates]
+
+
+def style_suffix(style: str | None) -> str:
+    return f" in {style} style" if style else ""
+
+
+def rewrap_prompt(prompt: str, old_style: str | None, new_style: str | None) -> str:
+    """Swap the ``" in {style} style"`` ending of a prompt for another template's."""
+    text = (prompt or "").rstrip()
+    old = style_suffix(old_style)
+    if old and text.endswith(old):
+        text = text[: -len(old)]
+    for_new = style_suffix(new_style)
+    if not text:
+        text = "a cozy wood cabin in the snow"
+    return text + for_new if for_new and not text.endswith(for_new) else text

@@ -1,0 +1,183 @@
+"""Train tab: references, style prompt, presets, one Train button, then the live job panel.
+
+Training never runs inside a Gradio event: Train only queues the job and returns its id;
+a ``gr.Timer`` polls the job's state; on page load the tab re-attaches to the running job
+(the id is also kept in the browser's localStorage, so a reload shows the same job).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from ..api import StudioAPI, suggest_name
+from ..jobs import FINAL
+from ..recipe import PRESETS, Recipe
+from ..training import preview_prompts
+from . import present
+from .common import guard
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
+STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render, soft clay", "ukiyo-e woodblock print",
+                  "melting golden 3d rendering", "minimal line drawing"]
+PRESET_CHOICES = [("Paper default — 300 steps", "paper"), ("Quick preview — 100 steps", "quick"),
+                  ("High fidelity — 1024 px", "high_fidelity")]
+RESOLUTIONS = [("Model default", "auto"), ("512 px", "512"), ("768 px", "768"), ("1024 px", "1024")]
+
+
+def _preset_values(preset: str) -> tuple[int, int, str]:
+    recipe = Recipe.from_preset(preset if preset in PRESETS else "paper")
+    return recipe.steps, recipe.preview_every, str(recipe.resolution) if recipe.resolution else "auto"
+
+
+def build(api: StudioAPI) -> SimpleNamespace:
+    """Lay out the Train tab and wire its own events; returns its components."""
+    ui = SimpleNamespace()
+    steps0, every0, res0 = _preset_values("paper")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5, min_width=320):
+            gr.Markdown("### 1 · Reference images")
+            ui.refs = gr.File(label="Drop 1–20 images of the style here (PNG, JPEG, WebP…)", file_count="multiple",
+                              file_types=["image"], elem_id="ref-images", height=150)
+            ui.thumbs = gr.Gallery(label="Your references", columns=6, height=150, object_fit="cover",
+                                   allow_preview=False, visible=False, elem_id="ref-thumbs", buttons=[])
+            gr.Markdown("### 2 · Describe the style")
+            ui.style = gr.Textbox(label="Style prompt", placeholder="e.g. watercolor painting",
+                                  info="Describe the style, not the subject — e.g. “watercolor painting”. "
+                                       "It becomes the template's trigger: “… in watercolor painting style”.",
+                                  elem_id="style-prompt", max_lines=2)
+            gr.Examples([[s] for s in STYLE_EXAMPLES], inputs=[ui.style], label="Style prompt examples",
+                        examples_per_page=len(STYLE_EXAMPLES))
+            ui.name = gr.Textbox(label="Template name", placeholder="suggested from the style prompt",
+                                 elem_id="template-name", max_lines=1)
+            ui.preset = gr.Radio(PRESET_CHOICES, value="paper", label="Preset", elem_id="preset",
+                                 info="Paper default is the recipe from the Style-friendly SNR paper.")
+            with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
+                ui.sampler = gr.Radio([("Style-friendly (recommended)", "style_friendly"), ("SD3 (baseline)", "sd3")],
+                                      value="style_friendly", label="Noise-level sampler",
+                                      info="Style-friendly trains mostly at high noise, where style is decided.")
+                with gr.Row():
+                    ui.mu = gr.Number(-6.0, label="mu (log-SNR mean)", step=0.5)
+                    ui.sigma = gr.Number(None, label="sigma (empty: 3 FLUX, 2 SD3.5)", step=0.5)
+                with gr.Row():
+                    ui.steps = gr.Number(steps0, label="Steps", precision=0, minimum=1, elem_id="steps")
+                    ui.lr = gr.Number(1e-4, label="Learning rate", step=1e-5)
+                    ui.rank = gr.Slider(4, 128, value=32, step=4, label="LoRA rank")
+                with gr.Row():
+                    ui.resolution = gr.Dropdown(RESOLUTIONS, value=res0, label="Resolution")
+                    ui.seed = gr.Number(0, label="Seed", precision=0)
+                    ui.offset = gr.Slider(0.0, 0.1, value=0.0, step=0.01, label="Offset noise")
+                with gr.Row():
+                    ui.every = gr.Number(every0, label="Preview every N steps (0: off)", precision=0, minimum=0,
+                                         elem_id="preview-every")
+                    ui.preview_prompt = gr.Textbox(label="Extra preview prompt (optional)",
+                                                   placeholder="e.g. a lighthouse at dusk", max_lines=1)
+            ui.train = gr.Button("Train", variant="primary", size="lg", elem_id="train-button")
+        with gr.Column(scale=7, min_width=320):
+            gr.Markdown("### Training")
+            ui.status = gr.HTML(present.status_html(None), elem_id="job-status")
+            with gr.Row():
+                ui.cancel = gr.Button("Cancel training", variant="stop", visible=False, elem_id="cancel-button")
+                ui.use = gr.Button("Generate with it →", variant="primary", visible=False, elem_id="use-template")
+            with gr.Row(equal_height=True):
+                ui.loss = gr.LinePlot(None, x="step", y="loss", color="series", title="Loss",
+                                      color_map={"raw": "#93c5fd", "smoothed": "#1d4ed8"}, height=230,
+                                      elem_id="loss-plot", min_width=260)
+                ui.tplot = gr.LinePlot(present.t_frame([], None, api.backbone), x="t (noise level)", y="density",
+                                       color="sampler", title="Noise levels t sampled vs. expected (1 = pure noise)",
+                                       color_map=present.T_COLORS,
+                                       height=230, x_lim=[0, 1], elem_id="t-plot", min_width=260)
+            ui.previews = gr.Gallery(label="Previews at fixed seeds — newest first; step 0 is the base model",
+                                     columns=4, height=330, object_fit="contain", elem_id="previews",
+                                     allow_preview=True, buttons=["download", "fullscreen"])
+    ui.job = gr.BrowserState("", storage_key="studio-train-job")
+    ui.shown = gr.State({})  # what the panel shows now, to send only what changed
+    ui.finished = gr.State("")  # id of the template the last finished job made (app wiring listens)
+    ui.timer = gr.Timer(1.0, active=False)
+
+    def show_refs(files):
+        paths = [str(f) for f in files or []]
+        return gr.Gallery(value=paths or None, visible=bool(paths), label=f"Your references ({len(paths)})")
+
+    ui.refs.change(show_refs, ui.refs, ui.thumbs, api_visibility="private", queue=False)
+
+    def fill_name(style, name):
+        if (name or "").strip() or not (style or "").strip():
+            return gr.skip()
+        return suggest_name(style, {t["name"] for t in api.templates()})
+
+    ui.style.blur(fill_name, [ui.style, ui.name], ui.name, api_visibility="private")
+    ui.preset.change(_preset_values, ui.preset, [ui.steps, ui.every, ui.resolution], api_visibility="private",
+                     queue=False)
+
+    @guard
+    def start(files, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed, offset, every,
+              preview_prompt):
+        # sigma empty (or 0): the backbone family's paper default
+        options = {"preset": preset, "sampler": sampler, "mu": mu, "sigma": sigma or None, "steps": steps, "lr": lr,
+                   "rank": rank, "resolution": None if resolution in (None, "auto") else int(resolution),
+                   "seed": seed, "offset_noise": offset, "preview_every": every,
+                   "preview_prompt": (preview_prompt or "").strip() or None}
+        options = {k: (int(v) if k in ("steps", "rank", "seed", "preview_every") and v is not None else v)
+                   for k, v in options.items() if v is not None or k == "preview_prompt"}
+        job_id = api.train(files, style, name, options)
+        status = api.job_status(job_id)
+        return (job_id, present.status_html(status), gr.Button(visible=True), gr.Button(visible=False),
+                None, present.t_frame([], status.get("request", {}).get("recipe"), status.get("backbone")),
+                [], {"job": job_id}, gr.Timer(active=True))
+
+    panel = [ui.status, ui.cancel, ui.use, ui.loss, ui.tplot, ui.previews, ui.shown, ui.timer]
+    ui.train.click(start, [ui.refs, ui.style, ui.name, ui.preset, ui.sampler, ui.mu, ui.sigma, ui.steps, ui.lr,
+                           ui.rank, ui.resolution, ui.seed, ui.offset, ui.every, ui.preview_prompt],
+                   [ui.job] + panel, api_visibility="private", concurrency_limit=4)
+
+    def render(job_id, shown):
+        """One poll: only what changed goes to the browser."""
+        try:
+            status = api.job_status(job_id) if job_id else None
+        except Exception:  # noqa: BLE001 - the job folder vanished: stop polling quietly
+            status = None
+        if status is None:
+            return (present.status_html(None), gr.Button(visible=False), gr.Button(visible=False), gr.skip(),
+                    gr.skip(), gr.skip(), {}, gr.Timer(active=False), gr.skip())
+        shown = dict(shown or {})
+        fresh = shown.get("job") != job_id
+        state = status["state"]
+        n_loss, n_prev = len(status["losses"]), sum(len(p["files"]) for p in status["previews"])
+        recipe = (status.get("request") or {}).get("recipe") or {}
+        loss = t = prev = gr.skip()
+        if fresh or n_loss != shown.get("losses"):
+            loss = present.loss_frame(status["losses"])
+            t = present.t_frame(status["t"], recipe, status.get("backbone"))
+        if fresh or n_prev != shown.get("previews"):
+            prev = present.preview_items(status["previews"], preview_prompts(Recipe.from_dict(recipe)))
+        finished = (status.get("template_id") or "") if state == "done" and shown.get("state") != "done" else gr.skip()
+        new_shown = {"job": job_id, "losses": n_loss, "previews": n_prev, "state": state}
+        return (present.status_html(status), gr.Button(visible=state not in FINAL),
+                gr.Button(visible=state == "done" and bool(status.get("template_id"))), loss, t, prev, new_shown,
+                gr.Timer(active=state not in FINAL), finished)
+
+    ui.timer.tick(render, [ui.job, ui.shown], panel + [ui.finished], api_visibility="private",
+                  concurrency_limit=None)
+
+    @guard
+    def cancel(job_id):
+        if job_id:
+            api.cancel(job_id)
+        return present.status_html(api.job_status(job_id)) if job_id else gr.skip()
+
+    ui.cancel.click(cancel, ui.job, ui.status, api_name="ui_cancel", api_visibility="private")
+
+    def reattach(job_id):
+        """Page (re)load: the running training wins, else the job this browser showed last."""
+        active = api.active_training()
+        if active:
+            job_id = active["id"]
+        if not job_id:
+            return "", {}, gr.Timer(active=False)
+        return job_id, {}, gr.Timer(active=True)  # the first tick draws everything
+
+    ui.reattach = (reattach, ui.job, [ui.job, ui.shown, ui.timer])
+    return ui

@@ -1,0 +1,81 @@
+"""Start the real app (``python app.py``, with its worker) in a subprocess on a free port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    def __init__(self, root: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = root / "app.log"
+        full_env = {**os.environ, "STUDIO_STORE": str(root / "templates_store"), "STUDIO_RUNS": str(root / "runs"),
+                    "STUDIO_QUEUE_FILE": str(root / "runs" / ".queue.sqlite3"), "STUDIO_BACKBONE": "tiny",
+                    "GRADIO_TEMP_DIR": str(root / "gradio-tmp"), "GRADIO_ANALYTICS_ENABLED": "False",
+                    "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+                    "STUDIO_HEARTBEAT_S": "0.5", "NO_PROXY": "localhost,127.0.0.1", **(env or {})}
+        full_env.pop("STUDIO_DATA", None)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
+                                          *(extra_args or [])], cwd=root, env=full_env, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the app exited with {self.proc.returncode}:\n{self.tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "gradio_api/info", timeout=2) as r:
+                    if r.status == 200 and self.worker_ready():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        pytest.fail(f"the app did not come up in {timeout:.0f}s:\n{self.tail()}")
+
+    def worker_ready(self) -> bool:
+        folder = self.root / "runs" / ".workers"
+        return any('"ready"' in p.read_text() or '"busy"' in p.read_text() for p in folder.glob("*.json")) \
+            if folder.is_dir() else False
+
+    def tail(self, n: int = 4000) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        worker = self.root / "runs" / ".workers"
+        for log in worker.glob("*.log") if worker.is_dir() else []:
+            text += f"\n--- {log.name}\n" + log.read_text(errors="replace")[-n:]
+        return text[-2 * n:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)  # Ctrl-C: the app stops its worker
+            try:
+                self.proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def start_app(root: Path, **kw) -> RunningApp:
+    app = RunningApp(root, **kw)
+    app.wait_ready()
+    return app

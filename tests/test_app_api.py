@@ -1,0 +1,197 @@
+"""The app's public API through gradio_client, against the real app and worker on the tiny backbone."""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from app_helpers import start_app
+from gradio_client import Client, handle_file
+from PIL import Image
+
+ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/generate", "/export_template", "/import_template",
+             "/import_hub", "/rename_template", "/delete_template", "/share_template"}
+FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
+MAX_UPLOAD_MB = 2
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_folder):
+    root = tmp_path_factory.mktemp("app")
+    running = start_app(root, extra_args=["--max-upload-mb", str(MAX_UPLOAD_MB)])
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    c = Client(app.url, verbose=False, analytics_enabled=False)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("refs") / "ref.png"
+    img = Image.new("RGB", (96, 64), (230, 120, 40))
+    img.paste((40, 90, 200), (0, 0, 48, 32))
+    img.save(path)
+    return str(path)
+
+
+def wait_done(client, job_id, timeout=120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(job_id, api_name="/job_status")
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} did not finish in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def template(client, ref) -> dict:
+    job = client.predict([handle_file(ref)], "flat poster", "", FAST, api_name="/train")
+    status = wait_done(client, job)
+    assert status["state"] == "done", status["error"]
+    return status
+
+
+def png_params(path) -> dict:
+    with Image.open(path) as img:
+        return json.loads(img.text["studio"])
+
+
+def error_of(client, *args, api_name) -> str:
+    with pytest.raises(Exception) as info:  # gradio_client's AppError, or an upload refusal
+        client.predict(*args, api_name=api_name)
+    return str(info.value)
+
+
+def test_every_endpoint_is_named(client):
+    named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert ENDPOINTS <= named
+
+
+def test_train_reports_progress_and_makes_a_template(client, template):
+    assert template["total_steps"] == FAST["steps"] and len(template["losses"]) == FAST["steps"]
+    assert [p["step"] for p in template["previews"]] == [0, 6, 12]  # step 0 = the base model
+    assert template["template_id"] and template["queue_position"] is None and template["error"] is None
+    listed = client.predict(api_name="/templates")
+    mine = next(t for t in listed if t["id"] == template["template_id"])
+    assert mine["name"] == "Flat poster"  # suggested from the style prompt
+    assert mine["style_prompt"] == "flat poster" and mine["backbone"] == "tiny" and mine["previews"]
+    assert client.predict("poster", api_name="/templates") and not client.predict("zebra", api_name="/templates")
+
+
+def test_generate_text_to_image_comic_and_meme(client, template):
+    tid = template["template_id"]
+    files = client.predict(tid, "a wood cabin", "text-to-image", {"num_images": 2, "seed": 7, "steps": 4},
+                           api_name="/generate")
+    assert len(files) == 2
+    params = png_params(files[0])
+    assert params["final_prompt"] == "a wood cabin in flat poster style" and params["seed"] == 7
+
+    panels = ["a cat wakes up | Monday.", "a cat eats", "a cat sleeps | The end", "a cat dreams"]
+    page, = client.predict(tid, "", "multi-panel", {"panels": panels, "layout": "2x2", "steps": 4, "gutter": 8,
+                                                    "border": 2}, api_name="/generate")
+    with Image.open(page) as img:
+        assert img.width > 2 * 64 and img.height > 2 * 64
+    params = png_params(page)
+    assert params["mode"] == "multi-panel" and len(params["panels"]) == 4 and params["layout"] == "2x2"
+
+    meme, = client.predict(tid, "a grumpy cat", "meme", {"top": "one does not simply", "bottom": "train a lora",
+                                                          "steps": 4}, api_name="/generate")
+    assert png_params(meme)["top"] == "one does not simply"
+    shot, = client.predict(tid, "a comic page", "multi-panel", {"single_shot": True, "steps": 2},
+                           api_name="/generate")
+    with Image.open(shot) as img:  # the reference was 3:2
+        assert img.width > img.height
+
+
+def test_export_import_rename_delete(client, template, tmp_path):
+    tid = template["template_id"]
+    zipped = client.predict(tid, "zip", api_name="/export_template")
+    assert Path(zipped).suffix == ".zip" and "template.json" in zipfile.ZipFile(zipped).namelist()
+    for fmt, suffix in (("safetensors", ".safetensors"), ("comfy", "_comfy.safetensors")):
+        assert client.predict(tid, fmt, api_name="/export_template").endswith(suffix)
+    imported = client.predict(handle_file(zipped), api_name="/import_template")
+    assert imported["id"] != tid and imported["style_prompt"] == "flat poster"
+    renamed = client.predict(imported["id"], "My copy", api_name="/rename_template")
+    assert renamed["name"] == "My copy"
+    assert client.predict(imported["id"], api_name="/delete_template") == {"deleted": imported["id"]}
+    assert imported["id"] not in {t["id"] for t in client.predict(api_name="/templates")}
+    assert "no template" in error_of(client, imported["id"], api_name="/delete_template")
+
+
+def test_cancel_a_running_training(client, ref):
+    job = client.predict([handle_file(ref)], "slow style", "slow", {**FAST, "steps": 5000}, api_name="/train")
+    deadline = time.monotonic() + 60
+    while client.predict(job, api_name="/job_status")["step"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    client.predict(job, api_name="/cancel")
+    assert wait_done(client, job, 60)["state"] == "cancelled"
+
+
+def test_bad_inputs_get_clear_errors_and_the_app_keeps_serving(client, ref, tmp_path, template):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    assert "not a supported image" in error_of(client, [handle_file(str(text))], "style", "", FAST,
+                                               api_name="/train")
+    truncated = tmp_path / "broken.png"
+    truncated.write_bytes(Path(ref).read_bytes()[:120])
+    assert "truncated or corrupt" in error_of(client, [handle_file(str(truncated))], "style", "", FAST,
+                                              api_name="/train")
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * (MAX_UPLOAD_MB * 1024 * 1024 + 10))
+    message = error_of(client, [handle_file(str(huge))], "style", "", FAST, api_name="/train")
+    assert "large" in message.lower() or "size" in message.lower()
+    assert "style prompt is empty" in error_of(client, [handle_file(ref)], "  ", "", FAST, api_name="/train")
+    assert "Add at least one reference image" in error_of(client, [], "style", "", FAST, api_name="/train")
+    assert "unknown recipe setting" in error_of(client, [handle_file(ref)], "style", "", {"stepz": 3},
+                                                api_name="/train")
+    assert "prompt is empty" in error_of(client, template["template_id"], " ", "text-to-image", {},
+                                         api_name="/generate")
+    assert "unknown mode" in error_of(client, "", "a cat", "video", {}, api_name="/generate")
+    assert "2 to 6 panel prompts" in error_of(client, "", "", "multi-panel", {"panels": ["one"]},
+                                              api_name="/generate")
+    assert "no job" in error_of(client, "20990101-000000-train-deadbeef", api_name="/job_status")
+    assert "unsupported file type" in error_of(client, handle_file(str(text)), api_name="/import_template")
+    assert "offline" in error_of(client, template["template_id"], "me/style", "hf_token", True,
+                                 api_name="/share_template")
+    # ...and it still serves
+    assert client.predict(api_name="/templates")
+
+
+# -- the pure helpers behind the page (no server needed) ------------------------------------------
+
+
+def test_page_helpers():
+    from studio.api import suggest_name
+    from studio.ui import present
+
+    assert suggest_name("watercolor painting, soft edges!") == "Watercolor painting soft edges"
+    assert suggest_name("ink", {"Ink", "ink 2"}) == "Ink 3"
+    assert present.rewrap_prompt("a cat in ink style", "ink", "watercolor") == "a cat in watercolor style"
+    assert present.rewrap_prompt("a cat", None, "ink") == "a cat in ink style"
+    assert present.rewrap_prompt("a cat in ink style", "ink", "") == "a cat"
+    frame = present.loss_frame([1.0, 0.5, None, 0.25])
+    assert set(frame["series"]) == {"raw", "smoothed"} and len(frame) == 6 and present.loss_frame([]) is None
+    t = present.t_frame([0.95, 0.97, 0.5], {"sampler": "style_friendly"}, "tiny")
+    assert set(t["sampler"]) == {"this run", "style-friendly", "SD3 baseline"}
+    sf = t[t["sampler"] == "style-friendly"]
+    assert sf["density"].iloc[-1] > sf["density"].iloc[len(sf) // 2]  # mass at high noise
+    html = present.status_html({"state": "running", "step": 5, "total_steps": 20, "sec_per_step": 0.5,
+                                "eta_s": 7.5, "name": "<b>x</b>", "message": "training"})
+    assert "step 5 / 20" in html and "2.00 it/s" in html and "ETA 0:08" in html and "&lt;b&gt;" in html
+    assert 'width:25.0%' in html
+    queued = present.status_html({"state": "queued", "queue_position": 2, "name": "x", "message": ""})
+    assert "position 2 in the queue" in queued
+    items = present.preview_items([{"step": 0, "files": ["a", "b"]}, {"step": 10, "files": ["c", "d"]}],
+                                  ["a robot", "a penguin"])
+    assert items[0] == ("c", "step 10 · a robot") and items[-1] == ("b", "step 0 · base model · a penguin")
+    assert present.final_previews(["p/step_0000_p0.png", "p/step_0020_p0.png", "p/step_0020_p1.png"]) == \
+        ["p/step_0020_p0.png", "p/step_0020_p1.png"]

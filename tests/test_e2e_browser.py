@@ -1,0 +1,144 @@
+"""End to end in a real browser (Debian's Chromium through Playwright) on the tiny backbone:
+upload references, train, watch the loss and previews, reload mid-training and re-attach, find the
+template in the gallery, download it, make a 4-panel comic and a captioned meme.
+
+Set STUDIO_SHOTS=/some/folder to also save screenshots of every tab at 1280 and 400 px.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from app_helpers import start_app
+from PIL import Image
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt)
+    sync_playwright = None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if sync_playwright is None or not Path(CHROMIUM).exists():
+        if IN_CI:
+            pytest.fail("CI must run the browser test: install playwright (pip) and chromium (apt-get)")
+        pytest.skip("playwright or Debian's chromium is not installed (test.sh installs both)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_folder):
+    running = start_app(tmp_path_factory.mktemp("e2e"))
+    yield running
+    running.stop()
+
+
+def refs(tmp_path: Path) -> list[str]:
+    out = []
+    for i, (a, b) in enumerate([((230, 120, 40), (40, 90, 200)), ((250, 220, 90), (200, 40, 80))]):
+        img = Image.new("RGB", (96, 96), a)
+        img.paste(b, (20, 20, 70, 70))
+        path = tmp_path / f"ref_{i}.png"
+        img.save(path)
+        out.append(str(path))
+    return out
+
+
+def field(page, elem_id: str):
+    """A Textbox's editing element (an input when it is one line, else a textarea)."""
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def shoot(page, name: str) -> None:
+    folder = os.environ.get("STUDIO_SHOTS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for width in (1280, 400):
+        page.set_viewport_size({"width": width, "height": 900})
+        page.wait_for_timeout(600)
+        page.screenshot(path=str(Path(folder) / f"{name}_{width}.png"), full_page=True)
+    page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
+    ctx = browser.new_context(accept_downloads=True, viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    page.goto(app.url, wait_until="domcontentloaded")
+    expect(page.locator("#train-button")).to_be_visible()
+    expect(page.locator("#demo-notice")).to_contain_text("tiny")
+    shoot(page, "train_empty")
+
+    # -- train
+    page.locator("#ref-images input[type=file]").set_input_files(refs(tmp_path))
+    expect(page.locator("#ref-thumbs img")).to_have_count(2)
+    field(page, "style-prompt").fill("bold poster art")
+    field(page, "style-prompt").blur()
+    expect(field(page, "template-name")).to_have_value("Bold poster art")
+    field(page, "template-name").fill("Poster test")
+    page.get_by_text("Advanced settings").click()
+    page.locator("#steps input").fill("200")
+    page.locator("#preview-every input").fill("50")
+    page.locator("#preview-every input").blur()
+    page.locator("#train-button").click()
+    status = page.locator("#job-status")
+    expect(status).to_contain_text("Training", timeout=60_000)
+    expect(page.locator("#loss-plot svg .mark-line path").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#previews img").first).to_be_visible(timeout=60_000)
+    expect(page.locator("#cancel-button")).to_be_visible()
+
+    # -- reload mid-training: the page re-attaches to the running job
+    assert "Done" not in status.inner_text()
+    page.reload(wait_until="domcontentloaded")
+    expect(page.locator("#job-status")).to_contain_text("Poster test", timeout=30_000)
+    expect(page.locator("#job-status")).to_contain_text("step", timeout=30_000)
+    expect(page.locator("#loss-plot svg .mark-line path").first).to_be_visible(timeout=30_000)
+    expect(page.locator("#job-status")).to_contain_text("Done", timeout=120_000)
+    # steps 0, 50, 100, 150, 200 x 3 preview prompts
+    expect(page.locator("#previews").get_by_label("Thumbnail 15 of 15")).to_be_attached()
+    expect(page.locator("#use-template")).to_be_visible()
+    shoot(page, "train_done")
+
+    # -- gallery: the new template, then download it as a .zip
+    page.get_by_role("tab", name="Gallery").click()
+    expect(page.locator("#gallery img")).to_have_count(1)
+    expect(page.locator("#template-card")).to_contain_text("Poster test")
+    expect(page.locator("#template-card")).to_contain_text("bold poster art")
+    with page.expect_download(timeout=30_000) as download:
+        page.locator("#export-button").click()
+    assert download.value.suggested_filename == "poster-test.zip"
+    shoot(page, "gallery")
+
+    # -- generate: a 4-panel comic page, then a classic meme
+    page.locator("#gallery-generate").click()
+    expect(field(page, "gen-prompt")).to_have_value("a cozy wood cabin in the snow in bold poster art style")
+    page.get_by_label("Comic page").check()
+    expect(field(page, "panel-prompts")).to_be_visible()
+    page.get_by_text("Size, seed, strength and steps").click()
+    page.get_by_label("number input for Denoising steps").fill("4")
+    page.get_by_label("number input for Denoising steps").press("Tab")
+    page.locator("#generate-button").click()
+    expect(page.locator("#generated-files")).to_contain_text("comic_", timeout=90_000)
+    expect(page.locator("#generated img")).to_have_count(1)
+    shoot(page, "generate_comic")
+
+    page.get_by_label("Meme").check()
+    field(page, "meme-top").fill("one does not simply")
+    field(page, "meme-bottom").fill("train a style")
+    page.locator("#generate-button").click()
+    expect(page.locator("#generated-files")).to_contain_text("meme_", timeout=90_000)
+    shoot(page, "generate_meme")
+    ctx.close()
