@@ -86,7 +86,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                       color_map={"raw": "#93c5fd", "smoothed": "#1d4ed8"}, height=230,
                                       elem_id="loss-plot", min_width=260)
                 ui.tplot = gr.LinePlot(present.t_frame([], None, api.backbone), x="t (noise level)", y="density",
-                                       color="sampler", title="Noise levels t sampled vs. expected (1 = pure noise)",
+                                       color="sampler", title="Noise levels t sampled",
                                        color_map=present.T_COLORS,
                                        height=230, x_lim=[0, 1], elem_id="t-plot", min_width=260)
             ui.previews = gr.Gallery(label="Previews at fixed seeds — newest first; step 0 is the base model",
