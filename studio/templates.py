@@ -319,20 +319,9 @@ class TemplateStore:
 
     def _load(self, template_id: str, path: Path) -> TemplateInfo:
         try:
-            with open(path / TEMPLATE_JSON, "rb") as f:
-                raw = f.read(MAX_JSON_BYTES + 1)
-        except FileNotFoundError:
-            raise _Broken(f"no {TEMPLATE_JSON}") from None
-        except OSError as e:
-            raise _Broken(f"{TEMPLATE_JSON} is unreadable ({e.strerror or e})") from None
-        if len(raw) > MAX_JSON_BYTES:
-            raise _Broken(f"{TEMPLATE_JSON} is too large")
-        try:
-            meta = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
-            raise _Broken(f"{TEMPLATE_JSON} is not valid JSON") from None
-        if not isinstance(meta, dict):
-            raise _Broken(f"{TEMPLATE_JSON} is not a JSON object")
+            meta = _read_template_json(path / TEMPLATE_JSON)
+        except InputError as e:
+            raise _Broken(str(e)) from None
         if not os.path.isfile(path / LORA_FILE):
             raise _Broken(f"no {LORA_FILE}")
         return TemplateInfo(template_id, path, meta)
