@@ -10,6 +10,10 @@ python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 # torch is missing (GPU users can install their own CUDA build first).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -r requirements.txt
+# The 4-bit NF4 / 8-bit memory tiers use bitsandbytes on NVIDIA GPUs (studio/memory.py).
+if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  python -m pip install -q -r requirements-gpu.txt
+fi
 if [ "${1:-}" = "--dev" ]; then
   python -m pip install -q -r requirements-dev.txt
 fi

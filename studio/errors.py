@@ -19,3 +19,7 @@ class NotFoundError(StudioError):
 
 class CancelledError(StudioError):
     """A job stopped because the user asked it to."""
+
+
+class InsufficientMemoryError(StudioError):
+    """A run that would not fit this GPU (or machine), refused before it starts; says what would fit."""

@@ -42,6 +42,7 @@ class Recipe:
     seed: int = 0
     train_guidance: float = 1.0  # FLUX-dev's guidance embedding while training (paper: 1.0)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    tier: str = "auto"  # memory tier of the base weights (studio.memory): auto | bf16 | int8 | nf4
     gradient_checkpointing: bool | None = None  # None: on for GPUs
     preview_every: int = 50
     preview_steps: int | None = None  # denoising steps for previews; None: backbone default
@@ -66,6 +67,7 @@ class Recipe:
              "resolution must be between 32 and 2048"),
             (self.precision in ("auto", "bf16", "fp16", "fp32"),
              "precision must be auto, bf16, fp16 or fp32"),
+            (self.tier in ("auto", "bf16", "int8", "nf4"), "memory tier must be auto, bf16, int8 or nf4"),
             (self.preview_every >= 0 and self.checkpoint_every >= 0,
              "preview and checkpoint intervals must be >= 0 (0 turns them off)"),
         ]

@@ -86,8 +86,13 @@ def resolve(backbone_id: str) -> BackboneSpec:
                         Path(backbone_id).expanduser().is_dir() else backbone_id)
 
 
-def load_backbone(backbone_id: str, device=None, precision: str = "auto"):
-    """Load a backbone's pipeline once; callers keep the returned object warm."""
+def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: str = "bf16",
+                  offload_text_encoders: bool = False):
+    """Load a backbone's pipeline once; callers keep the returned object warm.
+
+    ``tier`` and ``offload_text_encoders`` come from :func:`studio.memory.plan_for` (the default is
+    the unquantised model with everything on the device, as before tiers existed).
+    """
     from .flux import FluxBackbone
     from .sd3 import SD3Backbone
 
@@ -103,8 +108,10 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto"):
             torch.set_num_threads(1)
 
         return FluxBackbone.load(
-            "tiny", str(ensure_tiny_flux()), device=device, precision=precision,
+            "tiny", str(ensure_tiny_flux()), device=device, precision=precision, tier=tier,
+            offload_text_encoders=offload_text_encoders,
             default_resolution=TINY_DEFAULT_RESOLUTION, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
         )
     cls = FluxBackbone if spec.family == "flux" else SD3Backbone
-    return cls.load(spec.backbone_id, spec.source, device=device, precision=precision)
+    return cls.load(spec.backbone_id, spec.source, device=device, precision=precision, tier=tier,
+                    offload_text_encoders=offload_text_encoders)

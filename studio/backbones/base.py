@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,7 +23,20 @@ class LatentDist:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32)
-        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+        return self.mean + self.std * host_to_device(noise, self.mean.device).to(self.mean.dtype)
+
+
+def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without making the host wait for the GPU.
+
+    The trainer draws its random numbers on the CPU (seeded, the same on every device); a plain
+    ``.to("cuda")`` from pageable memory synchronises with the GPU, several times per micro-step.
+    From pinned memory the copy is queued like a kernel (PyTorch keeps the pinned block alive
+    until the copy has run).
+    """
+    if torch.device(device).type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -43,6 +57,12 @@ class Sampling:
 def decoder_device(pipe) -> torch.device:
     """Where the VAE decoder runs (the encoder may be offloaded to the CPU meanwhile)."""
     return next(pipe.vae.decoder.parameters()).device
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two devices are the same one (``cuda`` and ``cuda:0`` count as the same)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def default_device() -> torch.device:
@@ -72,6 +92,9 @@ class Backbone(ABC):
     default_steps: int = 28  # paper: 28 denoising steps at inference
     default_guidance: float = 7.0  # paper: guidance 7.0 at inference
     max_sequence_length: int = 512
+    tier: str = "bf16"  # how the base weights are stored (studio.memory): bf16 | int8 | nf4
+    quant_backend: str | None = None  # "bitsandbytes" | "quanto" for the quantised tiers
+    text_encoders_on_cpu: bool = False  # loaded with offload_text_encoders: they encode on the CPU
 
     def __init__(self, backbone_id: str, source: str, pipe, device: torch.device, dtype: torch.dtype):
         self.backbone_id = backbone_id
@@ -82,14 +105,33 @@ class Backbone(ABC):
 
     @classmethod
     def load(cls, backbone_id: str, source: str, device: torch.device | None = None,
-             precision: str = "auto", **settings) -> Backbone:
-        """Load the pipeline from a local folder or hub id with ``from_pretrained``."""
+             precision: str = "auto", tier: str = "bf16", offload_text_encoders: bool = False,
+             **settings) -> Backbone:
+        """Load the pipeline from a local folder or hub id with ``from_pretrained``.
+
+        ``tier`` (see :mod:`studio.memory`) stores the transformer's weights in 8 or 4 bits through
+        diffusers' quantisation backends; ``offload_text_encoders`` keeps the text encoders on the
+        CPU, where they encode prompts, so they never take GPU memory.
+        """
         device = device or default_device()
         dtype = default_dtype(device, precision)
-        pipe = cls.pipeline_class.from_pretrained(source, torch_dtype=dtype)
-        pipe.to(device)
+        kwargs, backend = {}, None
+        if tier != "bf16":
+            from ..memory import pipeline_quantization_config
+
+            kwargs["quantization_config"], backend = pipeline_quantization_config(tier, device, dtype)
+        pipe = cls.pipeline_class.from_pretrained(source, torch_dtype=dtype, **kwargs)
+        if backend is None and not offload_text_encoders:
+            pipe.to(device)
+        else:  # module by module: text encoders may stay behind; quantised weights may be in place already
+            for name, module in pipe.components.items():
+                if not isinstance(module, torch.nn.Module) or (offload_text_encoders and name.startswith("text_")):
+                    continue
+                if not same_device(next(module.parameters()).device, device):
+                    module.to(device)
         pipe.set_progress_bar_config(disable=True)
         backbone = cls(backbone_id, source, pipe, device, dtype)
+        backbone.tier, backbone.quant_backend, backbone.text_encoders_on_cpu = tier, backend, offload_text_encoders
         for key, value in settings.items():
             setattr(backbone, key, value)
         return backbone
@@ -155,7 +197,19 @@ class Backbone(ABC):
     def generate(self, cond: Cond, *, seed: int, steps: int | None = None, guidance: float | None = None,
                  width: int | None = None, height: int | None = None, negative: Cond | None = None,
                  latents: torch.Tensor | None = None) -> Image.Image:
-        """One image from precomputed conditioning, with the pipeline's own sampler."""
+        """One image from precomputed conditioning, with the pipeline's own sampler.
+
+        While a training has the text encoders off the GPU, diffusers releases before
+        huggingface/diffusers#14383 (our requirements allow them) take the pipeline's device from
+        its alphabetically first component, the text encoder: the CPU. The pipeline would then
+        put the latents on the CPU and feed them to the transformer on the GPU. In that case the
+        same sampler runs step by step (:meth:`prepare_sampling` places everything on
+        ``self.device`` explicitly and reproduces the pipeline's image, see tests/test_fusion.py).
+        """
+        pipeline_device = getattr(self.pipe, "_execution_device", None) or self.pipe.device
+        if not same_device(pipeline_device, self.device):
+            return self.generate_stepwise(cond, seed=seed, steps=steps, guidance=guidance, width=width,
+                                          height=height, negative=negative, latents=latents)
         size = self.default_resolution
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         guidance = self.default_guidance if guidance is None else guidance
@@ -166,6 +220,18 @@ class Backbone(ABC):
             generator=generator, latents=latents, output_type="pil",
         )
         return result.images[0]
+
+    @torch.no_grad()
+    def generate_stepwise(self, cond: Cond, *, seed: int, steps: int | None = None, guidance: float | None = None,
+                          width: int | None = None, height: int | None = None, negative: Cond | None = None,
+                          latents: torch.Tensor | None = None) -> Image.Image:
+        """:meth:`generate` through :meth:`prepare_sampling`: the pipeline's loop, our device placement."""
+        run = self.prepare_sampling(cond, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
+                                    negative=negative, latents=latents)
+        x = run.latents
+        for t in run.timesteps:
+            x = self.pipe.scheduler.step(run.velocity(x, t), t, x, return_dict=False)[0]
+        return run.decode(x)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """Shape (C, h, w) of the unpacked latent the pipeline starts from at this image size."""
@@ -188,20 +254,60 @@ class Backbone(ABC):
         return (steps or self.default_steps, self.default_guidance if guidance is None else guidance,
                 width or size, height or size)
 
+    # -- LoRAs ------------------------------------------------------------------------------
+
+    def load_lora(self, folder: str | Path, adapter_name: str, weight_name: str = "lora.safetensors") -> None:
+        """Load a template's LoRA (diffusers/PEFT keys) as a named adapter of the warm transformer.
+
+        Through the pipeline's ``load_lora_weights``, except on a quanto-quantised transformer: there
+        diffusers' pipeline loader looks up the base weights by their plain names (to widen FLUX
+        Control LoRAs, which templates never are) and quanto stores them as ``weight._data``, so the
+        LoRA goes to the transformer's own loader, which does the same injection without that step.
+        """
+        if self.quant_backend == "quanto":
+            self.transformer.load_lora_adapter(str(folder), weight_name=weight_name, prefix="transformer",
+                                               adapter_name=adapter_name)
+        else:
+            self.pipe.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=adapter_name)
+
     # -- memory -----------------------------------------------------------------------------
 
-    def offload_encoders(self) -> None:
-        """Move the text encoders and the VAE encoder off the GPU while training runs."""
-        if self.device.type == "cpu":
+    def offload_modules(self) -> dict[str, torch.nn.Module]:
+        """What a training moves off the GPU once prompts and references are encoded: the text encoders.
+
+        The VAE stays whole on the device: its encoder is about 34M parameters (under 0.1 % of
+        FLUX's memory), previews and generations between training steps need its decoder, and
+        diffusers takes ``vae.device`` from the VAE's first parameter, which is the encoder's,
+        so an offloaded encoder would send the decoder's input to the CPU in pipelines that
+        move latents to ``vae.device`` before decoding.
+        """
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return {n: m for n in names if isinstance(m := getattr(self.pipe, n, None), torch.nn.Module)}
+
+    def offload_encoders(self, to: torch.device | str = "cpu") -> None:
+        """Move :meth:`offload_modules` off the backbone's device (to the CPU) while training runs.
+
+        ``to`` exists for tests: on a CPU-only machine ``"meta"`` stands in for "somewhere the
+        sampler must not touch".
+        """
+        if same_device(self.device, to):
             return
-        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.to("cpu")
-        self.pipe.vae.encoder.to("cpu")
-        torch.cuda.empty_cache()
+        for module in self.offload_modules().values():
+            module.to(to)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def restore_encoders(self) -> None:
-        """Bring everything back onto the backbone's device (for generation with raw prompts)."""
-        if self.device.type != "cpu":
+        """Bring everything back onto the backbone's device (for generation with raw prompts).
+
+        Text encoders loaded to stay on the CPU (``offload_text_encoders``) stay there.
+        """
+        if self.device.type == "cpu":
+            return
+        if not self.text_encoders_on_cpu and not self.quant_backend:
             self.pipe.to(self.device)
+            return
+        for name, module in self.pipe.components.items():
+            if isinstance(module, torch.nn.Module) and not (self.text_encoders_on_cpu and name.startswith("text_")):
+                if not same_device(next(module.parameters()).device, self.device):
+                    module.to(self.device)

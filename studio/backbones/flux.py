@@ -47,7 +47,7 @@ class FluxBackbone(Backbone):
         b, c, h, w = x_t.shape
         dtype = self.transformer.dtype
         packed = FluxPipeline._pack_latents(x_t, b, c, h, w).to(dtype)
-        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, dtype)
+        img_ids = self._image_ids(h // 2, w // 2, x_t.device, dtype)
         guidance_vec = None
         if self.transformer.config.guidance_embeds:
             # FLUX-dev is guidance-distilled; the paper feeds 1.0 while fine-tuning.
@@ -63,6 +63,15 @@ class FluxBackbone(Backbone):
             return_dict=False,
         )[0]
         return unpack(out, c, h, w)
+
+    def _image_ids(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The packed latents' position ids, made once per size: diffusers builds them on the CPU
+        and copies them over, which would make every training micro-step wait for the GPU."""
+        cache = self.__dict__.setdefault("_image_ids_cache", {})
+        key = (h, w, str(device), dtype)
+        if key not in cache:
+            cache[key] = FluxPipeline._prepare_latent_image_ids(1, h, w, device, dtype)
+        return cache[key]
 
     def pipeline_kwargs(self, cond: Cond, negative: Cond | None, guidance: float) -> dict:
         return {
