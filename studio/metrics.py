@@ -244,12 +244,14 @@ class StyleScorer:
 
 
 @functools.lru_cache(maxsize=4)
-def default_scorer(dino_model: str | None = None, clip_model: str | None = None) -> StyleScorer:
+def default_scorer(dino_model: str | None = None, clip_model: str | None = None,
+                   device: str | None = None) -> StyleScorer:
     """One shared, lazily loaded scorer per model pair (the UI and the retrieval index reuse it).
 
     It never downloads: showing a template card must not start a ~1 GB download behind the user's back.
+    ``device``: default the first CUDA GPU, else the CPU; the web process passes "cpu" (it never holds the GPU).
     """
-    return StyleScorer(dino_model, clip_model, download=False)
+    return StyleScorer(dino_model, clip_model, device=device, download=False)
 
 
 def _final_previews(meta: dict, folder: Path) -> tuple[int, list[tuple[int, Path]]]:

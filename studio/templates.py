@@ -5,6 +5,7 @@ Layout (see docs/ARCHITECTURE.md)::
     <root>/<template_id>/template.json, lora.safetensors, metrics.jsonl, references/, previews/, thumbnail.png
     <root>/.staging/<uuid>/   templates being built (never listed)
     <root>/.trash/<id>-<uuid>/ templates being deleted (never listed)
+    <root>/.index/             caches of studio.retrieval (never listed; safe to delete)
 
 A template appears with a single ``os.rename`` of a complete staging folder and disappears
 with a single ``os.rename`` into ``.trash``, so readers never see half a template. Every
@@ -47,6 +48,7 @@ TEMPLATE_JSON = "template.json"
 LORA_FILE = "lora.safetensors"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
+INDEX_DIR = ".index"  # studio.retrieval's caches (CLIP index, scores): rebuilt when deleted
 
 # import limits
 MAX_ZIP_MEMBERS = 500
@@ -349,7 +351,7 @@ class TemplateStore:
                 log.debug("template store: ignoring non-folder %s", entry.path)
                 continue
             if entry.name.startswith("."):
-                if entry.name not in (STAGING_DIR, TRASH_DIR):
+                if entry.name not in (STAGING_DIR, TRASH_DIR, INDEX_DIR):
                     log.warning("template store: skipping hidden folder %s", entry.path)
                 continue
             try:
