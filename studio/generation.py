@@ -68,11 +68,20 @@ class GenerateOptions:
             if side is not None and not 32 <= side <= 2048:
                 raise InputError("width and height must be between 32 and 2048")
         self.mix = validate_mix(self.mix)
-        if self.style_schedule is not None and not 0.0 <= self.style_schedule <= 1.0:
-            raise InputError("style schedule must be a fraction of the steps between 0 and 1")
-        if not 0.0 <= self.fusion_weight <= 2.0:
-            raise InputError("fusion weight must be between 0 and 2")
+        # JSON from API clients arrives unchecked: a wrong type gets the range message, not a TypeError.
+        if self.style_schedule is not None and not (_is_number(self.style_schedule)
+                                                    and 0.0 < self.style_schedule <= 1.0):
+            raise InputError("style schedule must be more than 0 and at most 1: the fraction of the denoising "
+                             "steps that use the style (e.g. 0.3 = the first 30 %; leave it out for all steps)")
+        if not (_is_number(self.fusion_weight) and 0.0 <= self.fusion_weight <= 2.0):
+            raise InputError("fusion weight must be between 0 and 2 (1 = the template alone, 0 = the base model)")
+        if not isinstance(self.noise_prior, bool):
+            raise InputError("noise_prior must be true or false")
         return self
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def size_for_aspect(aspect: str, resolution: int, multiple: int = 16) -> tuple[int, int]:
@@ -108,7 +117,7 @@ def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) 
     for name, (path, _) in wanted.items():
         if name not in loaded:
             try:
-                pipe.load_lora_weights(str(path), weight_name="lora.safetensors", adapter_name=name)
+                backbone.load_lora(path, name)  # pipe.load_lora_weights, or what works on a quantised base
             except (ValueError, KeyError, RuntimeError) as exc:
                 raise InputError(f"template {Path(path).name!r} does not fit this backbone: {exc}") from exc
     if wanted:

@@ -13,10 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, NotFoundError
 
 MixedTemplate = tuple[Path, dict, float]  # (template folder, template.json dict, LoRA scale)
 MAX_MIX = 4
+ENTRY_KEYS = ("template", "scale")
 
 
 def validate_mix(entries: Any) -> list[dict]:
@@ -29,6 +30,10 @@ def validate_mix(entries: Any) -> list[dict]:
         raise InputError(f"at most {MAX_MIX} templates can be mixed in")
     out = []
     for entry in entries:
+        extra = sorted(set(entry) - set(ENTRY_KEYS)) if isinstance(entry, dict) else []
+        if extra:  # e.g. "weight" or "strength": silently using scale 1 instead would surprise
+            raise InputError(f"a mix entry takes 'template' (an id) and 'scale' (its strength, -4 to 4), "
+                             f"not {', '.join(map(repr, extra))}")
         ref = entry.get("template") if isinstance(entry, dict) else None
         scale = entry.get("scale", 1.0) if isinstance(entry, dict) else None
         if not isinstance(ref, str) or not ref.strip():
@@ -56,13 +61,23 @@ def parse_mix_arg(text: str) -> dict:
 def resolve_mix(store, entries: list[dict]) -> list[MixedTemplate]:
     """Resolve mix entries to (folder, template.json dict, scale).
 
-    An entry naming a template folder (with template.json) is read directly; anything else is
-    a template id looked up in ``store`` (a :class:`studio.templates.TemplateStore`, or None
-    when only folders are expected).
+    With a ``store`` (a :class:`studio.templates.TemplateStore`) a plain id names a template in
+    it; an entry naming a template folder (with template.json) is read directly. Without a
+    store only folders resolve. A plain id wins over a same-named folder in the working
+    directory, so a worker's cwd can never change which template a job mixes in.
     """
     out = []
     for entry in validate_mix(entries):
         ref, folder = entry["template"], Path(entry["template"]).expanduser()
+        if store is not None and not any(sep in ref for sep in "/\\") and not ref.startswith((".", "~")):
+            try:
+                info = store.get(ref)
+            except NotFoundError as exc:
+                if not (folder / "template.json").is_file():
+                    raise InputError(f"cannot mix in {ref!r}: {exc}") from None
+            else:
+                out.append((info.path, info.meta, entry["scale"]))
+                continue
         if (folder / "template.json").is_file():
             try:
                 meta = json.loads((folder / "template.json").read_text())
@@ -72,6 +87,9 @@ def resolve_mix(store, entries: list[dict]) -> list[MixedTemplate]:
         elif store is None:
             raise InputError(f"mix template {ref!r} must be resolved with the template store first")
         else:
-            info = store.get(ref)
+            try:
+                info = store.get(ref)
+            except NotFoundError as exc:
+                raise InputError(f"cannot mix in {ref!r}: {exc}") from None
             out.append((info.path, info.meta, entry["scale"]))
     return out

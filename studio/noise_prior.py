@@ -81,8 +81,9 @@ class NoisePrior:
         """Read a template's prior; InputError if it is missing or damaged."""
         path = Path(folder) / PRIOR_FILE
         if not path.is_file():
-            raise InputError(f"template {Path(folder).name!r} has no style noise prior; "
-                             "train it with the noise prior option (--noise-prior) to use one")
+            raise InputError(f"template {Path(folder).name!r} has no style noise prior: it was trained without "
+                             "one. Train it again with the noise prior option (--noise-prior, or \"Style noise "
+                             "prior\" in the Train tab's advanced settings) to use one")
         try:
             with safe_open(str(path), framework="pt") as f:
                 mean, std = f.get_tensor("mean").float(), f.get_tensor("std").float()
