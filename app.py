@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if backbone == "tiny":
         log.warning("running on the tiny offline demo backbone (no GPU or no model weights); "
                     "use --backbone flux-dev on a GPU for real styles")
+    api.warm_index()  # style search: embed templates that are new since the last start, in the background
     demo = build_demo(api)
     demo.queue(default_concurrency_limit=1)
     host = args.host

@@ -16,6 +16,7 @@ import logging
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,8 @@ from . import compose
 from .errors import InputError, StudioError
 from .images import MAX_NAME_CHARS
 from .jobs import CANCELLED, DONE, FAILED, FINAL, Jobs
+from .noise_prior import PRIOR_FILE
+from .refine import describe_lineage, template_round
 from .templates import TemplateInfo
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ class StudioAPI:
         self.store = self.jobs.store
         self.backbone = backbone
         self.exports_dir = Path(tempfile.gettempdir()) / "studio-exports"
+        self._index = None  # the CLIP style index (studio.retrieval), made on the first search
 
     # -- training -----------------------------------------------------------------------------
 
@@ -104,8 +108,9 @@ class StudioAPI:
         """Queue a training; returns the job id at once (the worker trains).
 
         ``options``: ``preset`` (paper / quick / high_fidelity), any Recipe field (steps, lr,
-        rank, sampler, mu, sigma, resolution, seed, offset_noise, preview_every,
-        preview_prompt, ...), ``backbone`` and ``captions`` (one per image).
+        rank, sampler, mu, sigma, resolution, seed, offset_noise, noise_prior (true: learn and
+        store the style's noise prior), preview_every, preview_prompt, ...), ``backbone`` and
+        ``captions`` (one per image).
         """
         opts = dict(options or {})
         if not isinstance(options, dict | None):
@@ -149,6 +154,11 @@ class StudioAPI:
             "sampler": (meta.get("sampler") or {}).get("name"), "imported": bool(meta.get("imported")),
             "source_repo": meta.get("source_repo"), "final_loss": meta.get("final_loss"),
             "resolution": (meta.get("recipe") or {}).get("resolution"),
+            # whether generation can start from the style's noise prior (trained with noise_prior)
+            "noise_prior": (info.path / PRIOR_FILE).is_file(),
+            # refined templates (studio.refine): round 2+, the parent and the synthetic images picked
+            "round": template_round(meta), "parent": meta.get("parent"),
+            "lineage": describe_lineage(meta, info.path),
         }
 
     def templates(self, query: str | None = None) -> list[dict]:
@@ -205,6 +215,162 @@ class StudioAPI:
 
         return {"url": hub.share(self.store, template_id, repo_id, token, private=bool(private))}
 
+    # -- finding styles (CLIP retrieval) and scores ---------------------------------------------
+
+    @property
+    def index(self):
+        """The CLIP style index over the store (:class:`studio.retrieval.StyleIndex`). Its models load on
+        the first search, in this process and on the CPU: searching must not wait behind a training."""
+        if self._index is None:
+            from .retrieval import StyleIndex
+
+            self._index = StyleIndex(self.store)
+        return self._index
+
+    @index.setter
+    def index(self, value) -> None:
+        self._index = value
+
+    def warm_index(self) -> threading.Thread:
+        """Bring the style index up to date in a background thread, so the first search of a big store does not
+        embed every template inside a web request. Does nothing without the metric models."""
+
+        def run() -> None:
+            try:
+                if self.index.available()[0]:
+                    self.index.sync()
+            except Exception:  # noqa: BLE001 - a cache: the next search tries again and reports problems
+                log.exception("warming the style index failed")
+
+        thread = threading.Thread(target=run, name="style-index", daemon=True)
+        thread.start()
+        return thread
+
+    def search_templates(self, query: str | None = None, image: Any = None, k: int | None = None) -> dict:
+        """Find templates by text (name and style prompt first, then by look in CLIP space) or by an
+        image (by look; an image wins over a text). ``k``: how many results (default 8).
+
+        Returns ``{"results": [template + "similarity" + "matched" + "closest_image" (its reference or preview
+        most like the query)], "mode": "text" | "names" | "image", "note": ...}``. Without the metric models a
+        text search matches names only ("names", the note says why) and an image search is an error that says why.
+        """
+        from .retrieval import DEFAULT_K
+
+        paths = _as_paths([image] if isinstance(image, dict) else image)  # one file, as gradio_client sends it
+        if paths:
+            result = self.index.search_images(paths, k or DEFAULT_K)
+        elif (query or "").strip():
+            result = self.index.search_text(query or "", k or DEFAULT_K)
+        else:
+            raise InputError("give a text or an image to search for")
+        return self._found(result)
+
+    def similar_templates(self, images: Any, k: int | None = None, min_similarity: float | None = None) -> dict:
+        """The templates that look most like ``images`` (e.g. references about to be trained): "you may
+        already have this style". Only those at least ``min_similarity`` alike (default
+        :data:`studio.retrieval.SIMILAR_MIN`), at most ``k`` (default 3), best first. Same shape as
+        :meth:`search_templates`; without the metric models: no results, mode "unavailable" and the reason.
+        """
+        from .retrieval import SIMILAR_MIN, RetrievalUnavailable
+
+        threshold = SIMILAR_MIN if min_similarity is None else float(min_similarity)
+        try:
+            result = self.index.search_images(_as_paths(images), k or 3, threshold)
+        except RetrievalUnavailable as exc:  # a passive suggestion: say why, do not fail
+            return {"results": [], "mode": "unavailable", "note": str(exc)}
+        return self._found(result)
+
+    def _found(self, result) -> dict:
+        return {"results": [{**self.describe(h.template), "matched": h.matched,
+                             "similarity": None if h.similarity is None else round(h.similarity, 4),
+                             "closest_image": str(h.closest) if h.closest else None}
+                            for h in result.hits],
+                "mode": result.mode, "note": result.note}
+
+    def template_scores(self, template_id: str) -> dict:
+        """A template's style scores on its final previews (DINO and CLIP-I against its references,
+        CLIP-T against the preview prompts), computed once and cached; or ``{"available": False,
+        "reason": ...}`` (no metric models here, or nothing to score)."""
+        from .retrieval import template_scores
+
+        return template_scores(self.store, (template_id or "").strip(), self.index.scorer)
+
+    # -- refining: StyleDrop's second round with feedback (studio.refine) -----------------------
+
+    def refine_candidates(self, template_id: str, n: int | None = None, options: dict | None = None,
+                          progress: Callable[[str], None] | None = None) -> list[Path]:
+        """Generate ``n`` candidates (default 8) with a template to pick favourites from for :meth:`refine`.
+
+        Each shows another subject (the paper's prompts, or ``options["prompts"]``) at seed
+        ``seed + i``, so they are the same pictures automatic feedback would judge. ``options``:
+        ``seed`` (0; another seed gives other pictures), ``offset`` (start further along the prompt
+        list), ``steps`` (denoising steps), ``lora_scale``, ``prompts``. Each PNG carries its content
+        prompt, which becomes its caption in round 2. Returns the files, in prompt order.
+        """
+        from . import refine
+        from .jobs import parse_generate_options
+
+        if not isinstance(options, dict | None):
+            raise InputError("options must be a JSON object, e.g. {\"seed\": 1}")
+        opts = dict(options or {})
+        unknown = sorted(set(opts) - {"seed", "offset", "steps", "lora_scale", "prompts"})
+        if unknown:
+            raise InputError(f"unknown candidate option(s): {', '.join(unknown)}")
+        info = self.store.get((template_id or "").strip())
+        prompts = opts.get("prompts")
+        if isinstance(prompts, str):
+            prompts = prompts.splitlines()
+        prompts = [str(p).strip() for p in prompts or [] if str(p).strip()]
+        if not prompts:
+            prompts = refine.candidate_prompts(int(n or refine.DEFAULT_CANDIDATES), int(opts.get("offset") or 0))
+        elif not 1 <= len(prompts) <= refine.MAX_CANDIDATES:
+            raise InputError(f"give 1 to {refine.MAX_CANDIDATES} candidate prompts")
+        seed, steps = int(opts.get("seed") or 0), opts.get("steps")
+        requests = [refine.candidate_options(p, seed + i, int(steps) if steps else None,
+                                             float(opts.get("lora_scale", 1.0))) for i, p in enumerate(prompts)]
+        for r in requests:  # every candidate is checked before the first one is queued
+            parse_generate_options(r)
+        jobs = [self._submit(info, r) for r in requests]
+        statuses = self._wait(jobs, progress or (lambda _msg: None))
+        return [Path(s["outputs"][0]) for s in statuses]
+
+    def refine(self, template_id: str, images: Any = None, feedback: str | None = None,
+               options: dict | None = None) -> str:
+        """Queue round 2 of a template; returns the training job's id (watch it with :meth:`job_status`).
+
+        ``feedback``: ``"human"`` trains on the parent's references plus ``images`` (the favourite
+        candidates, e.g. from :meth:`refine_candidates`); ``"auto"`` (the default without images) lets
+        the worker make ``candidates`` pictures and keep the ``top_k`` with the best CLIP style x text
+        score. ``options``: ``name`` (default "<parent> · round 2"), ``captions`` (human: one per image;
+        default each PNG's own prompt), ``candidates`` (8), ``top_k`` (3), ``candidate_seed``,
+        ``candidate_steps``, ``prompts``, ``style_metric`` (clip_i | dino), ``lora_scale``, and changes
+        to the parent's recipe: steps, lr, seed, preview_every, ... (see studio.refine.RECIPE_OVERRIDES).
+        The new template records its parent, its round and the synthetic images it learned from.
+        """
+        if not isinstance(options, dict | None):
+            raise InputError("options must be a JSON object, e.g. {\"top_k\": 3}")
+        opts = dict(options or {})
+        paths = _as_paths(images)
+        mode = (feedback or "").strip().lower() or ("human" if paths else "auto")
+        mode = {"favourites": "human", "favorites": "human", "manual": "human", "clip": "auto",
+                "automatic": "auto"}.get(mode, mode)
+        if mode not in ("human", "auto"):
+            raise InputError(f"unknown feedback {feedback!r}: use human (your favourites) or auto (CLIP picks)")
+        name, captions = opts.pop("name", None), opts.pop("captions", None)
+        renamed = {"candidate_seed": "seed", "candidate_steps": "steps"}
+        auto = {renamed.get(k, k): opts.pop(k) for k in list(opts)
+                if k in ("candidates", "top_k", "candidate_seed", "candidate_steps", "prompts", "style_metric",
+                         "lora_scale")}
+        if mode == "auto":
+            if paths:
+                raise InputError("automatic feedback picks its own images: send no images, or use feedback human")
+            return self.jobs.submit_refine(template_id, auto=auto, name=name, recipe=opts)
+        if auto:
+            raise InputError(f"{', '.join(sorted(auto))}: only for automatic feedback")
+        if not paths:
+            raise InputError("tick at least one favourite candidate (or let CLIP choose)")
+        return self.jobs.submit_refine(template_id, images=paths, captions=captions, name=name, recipe=opts)
+
     # -- generation ---------------------------------------------------------------------------
 
     def generate(self, template_id: str | None, prompt: str, mode: str = "text-to-image",
@@ -216,7 +382,16 @@ class StudioAPI:
         ``captions``; or ``single_shot: true`` for one image at the reference's aspect ratio);
         ``meme`` (``top``, ``bottom``, ``meme_style`` "classic" or "typography"). Other
         options are GenerateOptions fields: lora_scale, seed, steps, guidance, aspect,
-        resolution, width, height, num_images, wrap_style.
+        resolution, width, height, num_images, wrap_style, and (all off by default):
+
+        - ``mix``: further templates on top of this one, ``[{"template": id, "scale": 0.5}]``
+          (up to 4; scale -4..4; the main template's own strength is ``lora_scale``);
+        - ``style_schedule``: apply the template only in the first fraction of the denoising
+          steps, in (0, 1] (style is decided early, details late); null = every step;
+        - ``fusion_weight``: per step ``base + w * (template - base)``, 0..2; 1 = the template
+          alone, 0.5 = half way to the base model;
+        - ``noise_prior``: true starts from the template's style noise prior (templates trained
+          with ``noise_prior``; see ``/templates``' ``noise_prior`` flag).
         """
         from .generation import GenerateOptions
 

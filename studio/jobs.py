@@ -38,7 +38,7 @@ from typing import Any
 from . import config
 from .backbones import resolve
 from .errors import InputError, NotFoundError, StudioError
-from .generation import GenerateOptions
+from .generation import GenerateOptions, check_request
 from .images import load_reference_images, validate_name, validate_prompt
 from .queue_backend import PRIORITY, Queue, Settings
 from .recipe import Recipe
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL = frozenset({DONE, FAILED, CANCELLED})
-KINDS = ("train", "generate")  # room for "refine" / "evaluate": add a runner in studio.worker
+KINDS = ("train", "generate")  # a refinement (studio.refine) is a train job; room for "evaluate"
 JOB_FILE, PROGRESS_FILE, CANCEL_FILE = "job.json", "progress.json", "cancel"
 WORKERS_DIR = ".workers"  # <runs>/.workers/<worker_id>.json: each worker's heartbeat
 MAX_ATTEMPTS = int(os.environ.get("STUDIO_MAX_ATTEMPTS", "3"))
@@ -141,11 +141,51 @@ class Jobs:
                                            "captions": request["captions"]})
         return self._enqueue_new(record)
 
+    def submit_refine(self, template_id: str, images: list[str | Path] | None = None,
+                      captions: list[str | None] | None = None, auto: dict | None = None,
+                      name: str | None = None, recipe: dict | None = None) -> str:
+        """Queue round 2 of a template (StyleDrop's training with feedback, :mod:`studio.refine`).
+
+        Human feedback: ``images`` are the chosen candidates (``captions`` optional). Automatic
+        feedback: ``auto`` (dict, may be empty) holds the candidate options; the worker generates,
+        lets CLIP pick and then trains. Either way it is a training job on the parent's backbone
+        and recipe (``recipe``: the few changes :data:`studio.refine.RECIPE_OVERRIDES` allows).
+        Everything is checked first (no metric models for automatic feedback: InputError saying
+        so). Returns the job id.
+        """
+        from . import refine
+
+        plan = refine.plan_refinement(self.store, template_id, images=images, captions=captions, auto=auto,
+                                      name=name, recipe=recipe)
+        spec = resolve(plan.parent.backbone or config.default_backbone())
+        job_id = self._new_id("refine")
+        run_dir = self.job_dir(job_id)
+        try:
+            if plan.request is not None:
+                prepare_run(plan.request, run_dir, spec.backbone_id, spec.family, spec.default_resolution)
+            else:  # the worker makes the candidates, scores them and writes the training request
+                refine.write_plan(run_dir, plan.plan)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        request: dict = {"recipe": plan.recipe.to_dict(), "refine": plan.summary()}
+        if plan.request is not None:
+            written = json.loads((run_dir / "request.json").read_text())
+            request.update(recipe=written["recipe"], references=written["references"], captions=written["captions"])
+        record = self._new_record(job_id, "train", spec.backbone_id, name=plan.name,
+                                  style_prompt=plan.parent.style_prompt, request=request)
+        record["message"] = ("waiting for a worker" if plan.request is not None else
+                             f"waiting for a worker to draw {plan.plan['candidates']} test pictures for CLIP")
+        return self._enqueue_new(record)
+
     def submit_generate(self, template_id: str | None, options: dict, backbone: str | None = None) -> str:
         """Validate a text-to-image request (``options``: GenerateOptions fields) and enqueue it.
 
         ``template_id`` None generates with the bare base model; ``backbone`` defaults to the
-        template's, else the configured default. Returns the job id.
+        template's, else the configured default. ``options["mix"]`` names further templates by
+        id; they, the style schedule, the fusion weight and the noise prior are checked here
+        (unknown template, wrong model family, no stored prior...), so a bad request fails at
+        once with a message instead of in the worker. Returns the job id.
         """
         opts = parse_generate_options(options)
         template = self.store.get(template_id) if template_id else None
@@ -154,6 +194,14 @@ class Jobs:
         if template is not None and template.family and template.family != spec.family:
             raise InputError(f"template {template.name!r} was trained for {template.family.upper()}; "
                              f"backbone {spec.backbone_id!r} is {spec.family.upper()}")
+        mix = []
+        for entry in opts.mix:  # store ids only: a web request never names a folder on the server
+            try:
+                info = self.store.get(entry["template"])
+            except NotFoundError as exc:
+                raise InputError(f"cannot mix in {entry['template']!r}: {exc}") from None
+            mix.append((info.path, info.meta, entry["scale"]))
+        check_request(opts, (template.path, template.meta) if template else None, mix, spec.family)
         job_id = self._new_id("generate")
         self.job_dir(job_id).mkdir(parents=True)
         record = self._new_record(job_id, "generate", spec.backbone_id,

@@ -31,7 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from . import snr
-from .backbones.base import Backbone, LatentDist
+from .backbones.base import Backbone, LatentDist, host_to_device
 from .errors import CancelledError
 from .images import fit_to_budget, make_thumbnail
 from .noise_prior import NoisePrior, compute_prior, start_latents
@@ -52,6 +52,9 @@ class TrainRequest:
     name: str
     recipe: Recipe = field(default_factory=Recipe)
     captions: list[str | None] | None = None  # optional content caption per reference image
+    # A refined template (studio.refine): parent id, round, and the synthetic images, which are the
+    # last len(lineage["synthetic"]) of ``images``.
+    lineage: dict | None = None
 
 
 @dataclass
@@ -115,6 +118,11 @@ def prepare_run(request: TrainRequest, run_dir: Path, backbone_id: str, family: 
         "captions": request.captions or [None] * len(names),
         "references": names,
     }
+    if request.lineage:
+        synthetic = request.lineage.get("synthetic") or []
+        first = len(names) - len(synthetic)
+        data["lineage"] = {**request.lineage, "synthetic": [{**entry, "file": f"references/{names[first + j]}"}
+                                                            for j, entry in enumerate(synthetic)]}
     write_json(run_dir / "request.json", data)
 
 
@@ -141,7 +149,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     if backbone.negative_prompt() is not None:
         negative = backbone.encode_prompts([backbone.negative_prompt()])[0]
     latents = backbone.encode_images(images)
-    backbone.offload_encoders()  # text encoders and VAE encoder are not needed any more
+    backbone.offload_encoders()  # the text encoders are not needed any more (the VAE stays for previews)
     # Diffusion in Style: the forward-process noise comes from the references' statistics.
     # Deterministic in the references, so a resumed run computes the same prior again.
     prior = compute_prior([lat.mean for lat in latents]) if recipe.noise_prior else None
@@ -246,9 +254,9 @@ def flow_matching_loss(backbone: Backbone, latent: LatentDist, cond, sampler: sn
     noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator)
     if noise_prior is not None:
         noise = noise_prior.apply(noise)
-    noise = noise.to(x0.device)
-    x_t = snr.add_noise(x0, t.to(x0.device), noise)
-    pred = backbone.predict_velocity(x_t, t, cond, guidance)
+    noise, t_device = host_to_device(noise, x0.device), host_to_device(t, x0.device)  # no GPU sync
+    x_t = snr.add_noise(x0, t_device, noise)
+    pred = backbone.predict_velocity(x_t, t_device, cond, guidance)
     return F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float()), t
 
 
@@ -399,6 +407,7 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
         "recipe": request["recipe"],
         "sampler": sampler.describe(),
         "lora_targets": list(backbone.lora_targets),
+        "memory_tier": backbone.tier,  # the LoRA loads into the unquantised model whatever the tier
         "steps_done": recipe.steps,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "references": [f"references/{n}" for n in request["references"]],
@@ -411,6 +420,12 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
     if noise_prior is not None:
         noise_prior.save(result)
         meta["noise_prior"] = noise_prior.describe()
+    lineage = request.get("lineage")
+    if lineage:  # a refined template: its synthetic training images are kept, but are not style references
+        synthetic = {entry["file"] for entry in lineage.get("synthetic") or []}
+        meta["references"] = [r for r in meta["references"] if r not in synthetic]
+        meta["parent"], meta["round"] = lineage["parent"], lineage["round"]
+        meta["refine"] = {k: v for k, v in lineage.items() if k not in ("parent", "round")}
     write_json(result / "template.json", meta)
     final = run_dir / "result"
     shutil.rmtree(final, ignore_errors=True)

@@ -70,11 +70,24 @@ class WarmBackbones:
         self.max_loaded = max_loaded
         self.loads = 0  # how many times this process loaded a model
 
-    def get(self, backbone_id: str, precision: str = "auto"):
-        """(backbone, seconds spent loading it now: 0.0 when it was warm)."""
+    def get(self, backbone_id: str, precision: str = "auto", plan=None):
+        """(backbone, seconds spent loading it now: 0.0 when it was warm).
+
+        ``plan`` (a :class:`studio.memory.MemoryPlan`) says how to load it: memory tier and text
+        encoder placement. Without one (generation) a warm copy of the backbone is used as it is,
+        else it is loaded as :func:`studio.memory.plan_for` picks for generating.
+        """
         from .backbones import load_backbone
 
-        key = (backbone_id, precision or "auto")
+        precision = precision or "auto"
+        if plan is None:
+            warm = [k for k in self.loaded if k[:2] == (backbone_id, precision)]
+            if warm:
+                return self.loaded[warm[0]], 0.0
+            from .memory import plan_for
+
+            plan = plan_for(backbone_id, mode="generate")
+        key = (backbone_id, precision, plan.tier.name, plan.offload_text_encoders)
         if key in self.loaded:
             return self.loaded[key], 0.0
         while self.loaded and len(self.loaded) >= self.max_loaded:
@@ -82,15 +95,16 @@ class WarmBackbones:
             log.info("unloading backbone %s to make room", old[0])
             del self.loaded[old]
             release_memory()
-        log.info("loading backbone %s (%s)", backbone_id, key[1])
+        log.info("loading backbone %s (%s, %s)", backbone_id, precision, plan.describe())
         start = time.perf_counter()
-        backbone = load_backbone(backbone_id, precision=key[1])
+        backbone = load_backbone(backbone_id, precision=precision, tier=plan.tier.name,
+                                 offload_text_encoders=plan.offload_text_encoders)
         self.loads += 1
         self.loaded[key] = backbone
         return backbone, time.perf_counter() - start
 
     def ids(self) -> list[str]:
-        return [backbone_id for backbone_id, _ in self.loaded]
+        return [key[0] for key in self.loaded]  # keys: (backbone id, precision, tier, offload)
 
 
 def release_memory() -> None:
@@ -292,13 +306,22 @@ class Worker:
         job_id = record["id"]
         run_dir = self.jobs.job_dir(job_id)
         recipe = record["request"].get("recipe") or {}
-        backbone, load_s = self.backbones.get(record["backbone"], recipe.get("precision") or "auto")
+        # Memory tier first: a run that cannot fit is refused here, before any model is loaded.
+        from .memory import plan_training
+
+        plan = plan_training(record["backbone"], recipe)
+        self._note(job_id, token, memory_tier=plan.tier.name, expected_peak_bytes=plan.peak_bytes,
+                   message=f"{plan.describe()}; loading the model")
+        backbone, load_s = self.backbones.get(record["backbone"], recipe.get("precision") or "auto", plan)
         attempt = int(record.get("attempts", 1))
         self._note(job_id, token, load_s=round(load_s, 3), backbone_loads=self.backbones.loads,
-                   message="preparing the training" if attempt == 1 else
-                   f"resuming from the last checkpoint (attempt {attempt})")
+                   message=(f"{plan.describe()}; " if plan.on_gpu else "") +
+                   ("preparing the training" if attempt == 1 else
+                    f"resuming from the last checkpoint (attempt {attempt})"))
         result = run_dir / "result"
         if not (result / "template.json").exists():  # a finished training is never run twice
+            if not (run_dir / "request.json").exists():  # automatic refinement: CLIP picks the images first
+                self._pick_for_refine(record, token, backbone)
             observer = JobObserver(self, record, token, backbone, started)
             try:
                 train(backbone, run_dir, observer)
@@ -310,8 +333,38 @@ class Worker:
         info = self._publish(job_id, result, record["name"])
         self._finish(job_id, token, J.DONE, template_id=info.id, message=f"saved as template {info.name!r}")
 
+    def _pick_for_refine(self, record: dict, token: str, backbone) -> None:
+        """Automatic feedback (studio.refine): generate candidates with the parent template, score them
+        with CLIP and write the round-2 training request. Cancel and shutdown work between candidates."""
+        from .metrics import StyleScorer
+        from .refine import PLAN_FILE, check_scorer, prepare_automatic
+
+        job_id = record["id"]
+        run_dir = self.jobs.job_dir(job_id)
+        if not (run_dir / PLAN_FILE).exists():
+            raise StudioError("this training job has no request (its folder is incomplete)")
+
+        def check() -> None:
+            if (run_dir / J.CANCEL_FILE).exists():
+                raise StopJob("cancel", "cancelled while making candidates")
+            if self.stop_flag.is_set():
+                raise StopJob("shutdown")
+            if job_id in self.lost:
+                raise StopJob("lost")
+
+        # A scorer of its own, dropped afterwards: the metric models must not sit on the GPU while it trains.
+        scorer = StyleScorer(download=False)
+        check_scorer(scorer)
+        try:
+            prepare_automatic(backbone, run_dir, self.store, scorer,
+                              say=lambda message: self._note(job_id, token, message=message), check=check)
+        finally:
+            del scorer
+            release_memory()
+
     def _run_generate(self, record: dict, token: str, started: float, backbone=None) -> None:
         from .generation import GenerateOptions, generate
+        from .mixing import resolve_mix
 
         job_id = record["id"]
         folder = self.jobs.job_dir(job_id)
@@ -321,6 +374,9 @@ class Worker:
         if template_id:
             info = self.store.get(template_id)
             template = (info.path, info.meta)
+        # Mixed-in templates are store ids (checked at submit); resolved once here, before any model work,
+        # so a template deleted since then fails the job with a message instead of mid-way.
+        mix = resolve_mix(self.store, options.mix)
         if backbone is None:
             backbone, load_s = self.backbones.get(record["backbone"])
             self._note(job_id, token, load_s=round(load_s, 3), backbone_loads=self.backbones.loads)
@@ -329,7 +385,7 @@ class Worker:
             if (folder / J.CANCEL_FILE).exists():
                 raise StopJob("cancel", f"cancelled after {k} of {options.num_images} images")
             one = replace(options, seed=options.seed + k, num_images=1)
-            files = generate(backbone, one, folder / "outputs", template, stem=template_id or "base")
+            files = generate(backbone, one, folder / "outputs", template, stem=template_id or "base", mix=mix)
             names += [f.name for f in files]
             write_json(folder / J.PROGRESS_FILE, {"step": k + 1, "total": options.num_images, "updated": time.time()})
             timing = {"first_image_s": round(time.perf_counter() - started, 3)} if k == 0 else {}

@@ -61,6 +61,22 @@ def field(page, elem_id: str):
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
 
+def set_slider(page, label: str, value: int) -> None:
+    """Type a number into a Slider's box and wait until the slider itself shows it: on a busy machine the
+    first keystrokes can land before the component has hydrated, and Generate would send the old value."""
+    box = page.get_by_label(f"number input for {label}")
+    slider = page.get_by_label(f"range slider for {label}")
+    for _ in range(3):
+        box.fill(str(value))
+        box.press("Tab")
+        try:
+            expect(slider).to_have_value(str(value), timeout=3_000)
+            return
+        except AssertionError:
+            continue
+    expect(slider).to_have_value(str(value))
+
+
 def shoot(page, name: str) -> None:
     folder = os.environ.get("STUDIO_SHOTS")
     if not folder:
@@ -128,8 +144,7 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     page.get_by_label("Comic page").check()
     expect(field(page, "panel-prompts")).to_be_visible()
     page.get_by_text("Size, seed, strength and steps").click()
-    page.get_by_label("number input for Denoising steps").fill("4")
-    page.get_by_label("number input for Denoising steps").press("Tab")
+    set_slider(page, "Denoising steps", 4)
     page.locator("#generate-button").click()
     expect(page.locator("#generated-files")).to_contain_text("comic_", timeout=90_000)
     expect(page.locator("#generated img")).to_have_count(1)

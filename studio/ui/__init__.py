@@ -46,6 +46,15 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
                           api_visibility="private")
         train.use.click(go_generate, [train.finished, generate.prompt, generate.style], go_outputs,
                         api_visibility="private")
+        # "You may already have this style": generate with the existing template instead of training.
+        train.similar_use.click(go_generate, [train.similar_pick, generate.prompt, generate.style], go_outputs,
+                                api_visibility="private")
+
+        # A round 2 queued in the Gallery's Refine section is a training: the Train tab follows it too.
+        def follow(job_id):
+            return (job_id, {}, gr.Timer(active=True)) if job_id else (gr.skip(),) * 3
+
+        gallery.refine.job.change(follow, gallery.refine.job, train.reattach[2], api_visibility="private")
 
         # A training finished: the gallery and the template picker show the new template.
         def after_training(template_id, query):

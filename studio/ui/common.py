@@ -41,7 +41,8 @@ def demo_notice(backbone: str) -> str:
     return (
         "**Demo mode — tiny offline model.** This machine has no GPU or no downloaded model weights, so the "
         "studio runs on a *tiny* model (a few MB, trains in seconds on a CPU). Everything works, but it only "
-        "knows simple shapes, colours and landscapes at 64 px, so its pictures are sketches, not art. To train real styles, run on an NVIDIA GPU (24 GB+) with "
+        "knows simple shapes, colours and landscapes at 64 px, so its pictures are sketches, not art. To train "
+        "real styles, run on an NVIDIA GPU (12 GB+; the studio picks 8-bit or 4-bit weights on smaller cards) with "
         "FLUX.1-dev or Stable Diffusion 3.5: `hf auth login`, accept the model's licence on the Hub, then "
         "`python app.py --backbone flux-dev` (or `--backbone sd3.5-large`)."
     )

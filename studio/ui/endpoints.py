@@ -3,7 +3,9 @@
 The tabs' own events are private; these endpoints are the stable, documented surface:
 ``/train``, ``/job_status``, ``/cancel``, ``/templates``, ``/generate``, ``/export_template``,
 ``/import_template``, ``/import_hub``, ``/rename_template``, ``/delete_template``,
-``/share_template``. Errors come back as ``gr.Error`` with a readable message.
+``/share_template``; finding styles: ``/search_templates``, ``/similar_templates``, ``/template_scores``;
+refining a template (StyleDrop's round 2): ``/refine_candidates``, ``/refine``.
+Errors come back as ``gr.Error`` with a readable message.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ def build(api: StudioAPI) -> None:
         one_file = gr.File(label="file")
         text_a, text_b, text_c, text_d = (gr.Textbox(label=n) for n in ("a", "b", "c", "d"))
         flag = gr.Checkbox(True, label="private")
+        count = gr.Number(None, label="k", precision=0)
+        threshold = gr.Number(None, label="min_similarity")
         options = gr.JSON(label="options")
         out_text, out_json = gr.Textbox(label="result"), gr.JSON(label="result")
         out_file, out_files = gr.File(label="file"), gr.File(file_count="multiple", label="files")
@@ -32,7 +36,8 @@ def build(api: StudioAPI) -> None:
     def train(images, style_prompt, name=None, options=None):
         """Queue a training: images (1-20 files), style prompt, template name ("" = suggested),
         options (dict: preset, steps, lr, rank, sampler, mu, sigma, resolution, seed, offset_noise,
-        preview_every, preview_prompt, backbone, captions). Returns the job id."""
+        noise_prior (true: learn the style's noise prior), preview_every, preview_prompt, backbone, captions).
+        Returns the job id."""
         return api.train(images, style_prompt, name, options if isinstance(options, dict) else None)
 
     def job_status(job_id):
@@ -49,7 +54,11 @@ def build(api: StudioAPI) -> None:
 
     def generate(template_id, prompt, mode=None, options=None):
         """Generate PNGs: template id ("" = base model), prompt, mode (text-to-image | multi-panel | meme),
-        options (dict). Returns the image files."""
+        options (dict: lora_scale, seed, steps, guidance, aspect, resolution, width, height, num_images,
+        wrap_style; mix ([{"template": id, "scale": 0.5}], more templates on top), style_schedule (0-1: the
+        template only in that first fraction of the steps), fusion_weight (0-2: per step base + w * (template -
+        base)), noise_prior (true: start from the template's stored noise prior); multi-panel: panels, layout,
+        gutter, border, captions, single_shot; meme: top, bottom, meme_style). Returns the image files."""
         return [str(p) for p in api.generate(template_id, prompt, mode or "text-to-image",
                                              options if isinstance(options, dict) else None)]
 
@@ -76,6 +85,38 @@ def build(api: StudioAPI) -> None:
         """Upload a template with a model card to the Hugging Face Hub; returns {"url": ...}."""
         return api.share(template_id, repo_id, token, private)
 
+    def search_templates(query=None, image=None, k=None):
+        """Find templates by text (name and style prompt first, then by look in CLIP space) or by an image
+        (by look; it wins over the text). k: how many (default 8). Returns {"results": [template +
+        "similarity" + "matched"], "mode": "text" | "names" (no metric models) | "image", "note"}."""
+        return api.search_templates(query, image, k)
+
+    def similar_templates(images, k=None, min_similarity=None):
+        """Templates that look like these images (e.g. references before training): at most k (default 3), at
+        least min_similarity (default 0.8) alike, best first. Same shape as /search_templates; without the
+        metric models: no results, mode "unavailable" and the reason in "note"."""
+        return api.similar_templates(images, k, min_similarity)
+
+    def template_scores(template_id):
+        """A template's style scores on its final previews: dino, clip_i (style, against its references),
+        clip_t (prompt), n_images, step, per_image; or {"available": false, "reason": ...}."""
+        return api.template_scores(template_id)
+
+    def refine_candidates(template_id, n=None, options=None):
+        """Candidates to pick favourites from: n pictures (default 8) of different subjects made with the
+        template. options: seed, offset, steps, lora_scale, prompts. Returns the PNG files (each carries its
+        content prompt); send the favourites back to /refine."""
+        return [str(p) for p in api.refine_candidates(template_id, int(n) if n else None,
+                                                      options if isinstance(options, dict) else None)]
+
+    def refine(template_id, images=None, feedback=None, options=None):
+        """Queue round 2 of a template (a new template linked to it). feedback "human": train on its references
+        plus images (your favourite candidates); "auto" (default without images): CLIP makes `candidates` (8)
+        and keeps the `top_k` (3) best by style x text score. options: name, captions, candidates, top_k,
+        candidate_seed, candidate_steps, prompts, style_metric (clip_i | dino), steps, lr, seed, preview_every.
+        Returns the job id (follow it with /job_status)."""
+        return api.refine(template_id, images, feedback, options if isinstance(options, dict) else None)
+
     endpoint(train, [files, text_a, text_b, options], out_text, "train")
     endpoint(job_status, text_a, out_json, "job_status", concurrency_limit=None)
     endpoint(cancel, text_a, out_json, "cancel", concurrency_limit=None)
@@ -87,3 +128,8 @@ def build(api: StudioAPI) -> None:
     endpoint(rename_template, [text_a, text_b], out_json, "rename_template")
     endpoint(delete_template, text_a, out_json, "delete_template")
     endpoint(share_template, [text_a, text_b, text_d, flag], out_json, "share_template")
+    endpoint(search_templates, [text_a, one_file, count], out_json, "search_templates", concurrency_limit=2)
+    endpoint(similar_templates, [files, count, threshold], out_json, "similar_templates", concurrency_limit=2)
+    endpoint(template_scores, text_a, out_json, "template_scores", concurrency_limit=2)
+    endpoint(refine_candidates, [text_a, count, options], out_files, "refine_candidates", concurrency_limit=4)
+    endpoint(refine, [text_a, files, text_b, options], out_text, "refine")

@@ -7,11 +7,13 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..api import StudioAPI
-from . import present
+from ..errors import StudioError
+from . import present, refine_panel
 from .common import guard
 
 EXPORTS = [("Template (.zip)", "zip"), ("LoRA for diffusers (.safetensors)", "safetensors"),
            ("LoRA for ComfyUI (.safetensors)", "comfy")]
+SEARCH_K = 24  # search results shown in the gallery
 
 
 def build(api: StudioAPI) -> SimpleNamespace:
@@ -19,8 +21,13 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui = SimpleNamespace()
     with gr.Row(equal_height=False):
         with gr.Column(scale=6, min_width=320):
-            ui.search = gr.Textbox(placeholder="Search templates by name or style prompt", show_label=False,
-                                   elem_id="template-search", max_lines=1)
+            with gr.Row(equal_height=True, elem_id="search-row"):
+                ui.search = gr.Textbox(label="Find a style", placeholder="type a name or words like “watercolor”",
+                                       elem_id="template-search", max_lines=1, scale=3,
+                                       info="Matches names and style prompts first, then how the templates look.")
+                ui.search_image = gr.Image(type="filepath", label="…or drop a picture", sources=["upload", "clipboard"],
+                                           height=120, elem_id="search-image", scale=2, min_width=160,
+                                           buttons=[])
             ui.gallery = gr.Gallery(label="Your style templates — click one", columns=4, height=340,
                                     object_fit="cover", allow_preview=False, elem_id="gallery", buttons=[],
                                     fit_columns=False)
@@ -35,6 +42,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 ui.import_btn = gr.Button("Import", elem_id="import-button")
         with gr.Column(scale=5, min_width=320):
             ui.card = gr.Markdown(present.template_card(None), elem_id="template-card")
+            ui.scores = gr.Markdown("", elem_id="template-scores")
             ui.strip = gr.Gallery(label="Its previews after training", rows=1, columns=4, height=150,
                                   object_fit="contain", elem_id="template-previews", buttons=["fullscreen"])
             ui.use = gr.Button("Generate with it →", variant="primary", elem_id="gallery-generate", interactive=False)
@@ -42,6 +50,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 ui.fmt = gr.Radio(EXPORTS, value="zip", label="Download as", elem_id="export-format")
                 ui.export = gr.Button("Download", elem_id="export-button", interactive=False)
                 ui.export_file = gr.File(label="Your file", visible=False, elem_id="export-file", interactive=False)
+            ui.refine = refine_panel.build()  # StyleDrop's round 2 (studio.refine); wired below
             with gr.Accordion("Rename or delete", open=False, elem_id="manage-box"):
                 with gr.Row():
                     ui.new_name = gr.Textbox(label="New name", max_lines=1, scale=3, elem_id="rename-box")
@@ -63,19 +72,32 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 ui.share_result = gr.Markdown()
     ui.ids = gr.State([])
     ui.selected = gr.State("")
+    refine_panel.wire(api, ui.refine, ui.selected)
 
-    def refresh(query, selected):
-        """Reload the list; keep the selection if it still exists, else select the newest."""
-        templates = api.templates(query)
-        ids = [t["id"] for t in templates]
+    def refresh(query, selected, image=None):
+        """Reload the list (or the search results for a text / a dropped picture); keep the selection if it
+        is still shown, else select the first tile (the newest, or the best match)."""
+        note, found = "", None
+        if image or (query or "").strip():
+            try:
+                found = api.search_templates(query, image, SEARCH_K)
+                templates, items, note = found["results"], present.search_items(found), present.search_note(found)
+            except StudioError as exc:  # e.g. a picture that is not an image: say so, keep showing everything
+                templates, note = api.templates(), f"⚠️ {exc}"
+                items = present.gallery_items(templates)
+        else:
+            templates = api.templates()
+            items = present.gallery_items(templates)
+        ids = [t["id"] for t in templates if present.tile_image(t)]  # one id per tile shown, in tile order
+        gallery = gr.Gallery(value=items, label=present.gallery_label(found))
         selected = selected if selected in ids else (ids[0] if ids else "")
         if templates:
-            empty = ""
-        elif query:
-            empty = f"No template matches “{query}”."
+            empty = note
+        elif query or image:
+            empty = " ".join(x for x in ("" if image else f"No template matches “{query}”.", note) if x)
         else:
             empty = "No templates yet — train one in the **Train** tab, or import one below."
-        return (present.gallery_items(templates), ids, selected, empty) + details(selected)
+        return (gallery, ids, selected, empty) + details(selected)
 
     def details(template_id):
         t = api.template(template_id) if template_id else None
@@ -87,8 +109,24 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     detail_outputs = [ui.card, ui.strip, ui.use, ui.export, ui.new_name, ui.export_file, ui.confirm_row,
                       ui.repo, ui.share_result]
-    ui.refresh = (refresh, [ui.search, ui.selected], [ui.gallery, ui.ids, ui.selected, ui.empty] + detail_outputs)
-    ui.search.change(*ui.refresh, api_visibility="private", trigger_mode="always_last")
+    ui.refresh = (refresh, [ui.search, ui.selected, ui.search_image],
+                  [ui.gallery, ui.ids, ui.selected, ui.empty] + detail_outputs)
+
+    def search(query, selected, image):
+        """A new search: show the best match (or, with the search cleared, the newest)."""
+        return refresh(query, "", image)
+
+    ui.search.change(search, *ui.refresh[1:], api_visibility="private", trigger_mode="always_last")
+    ui.search_image.change(search, *ui.refresh[1:], api_visibility="private", trigger_mode="always_last")
+
+    def scores(template_id):
+        """The selected template's scores: computed on its first view (then cached), so after the card."""
+        try:
+            return present.scores_markdown(api.template_scores(template_id)) if template_id else ""
+        except StudioError:  # deleted meanwhile
+            return ""
+
+    ui.selected.change(scores, ui.selected, ui.scores, api_visibility="private", trigger_mode="always_last")
 
     def select(ids, evt: gr.SelectData):
         template_id = ids[evt.index] if evt.index is not None and evt.index < len(ids) else ""
@@ -106,12 +144,13 @@ def build(api: StudioAPI) -> SimpleNamespace:
         None, js="() => { setTimeout(() => document.querySelector('#export-file a')?.click(), 300); }")
 
     @guard
-    def rename(template_id, name, query):
+    def rename(template_id, name, query, image=None):
         api.rename(template_id, name)
         gr.Info(f"Renamed to “{name.strip()}”.")
-        return refresh(query, template_id)
+        return refresh(query, template_id, image)
 
-    ui.rename.click(rename, [ui.selected, ui.new_name, ui.search], ui.refresh[2], api_visibility="private")
+    ui.rename.click(rename, [ui.selected, ui.new_name, ui.search, ui.search_image], ui.refresh[2],
+                    api_visibility="private")
 
     def ask_delete(template_id):
         t = api.template(template_id) if template_id else None
@@ -123,16 +162,16 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.keep.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private", queue=False)
 
     @guard
-    def delete(template_id, query):
+    def delete(template_id, query, image=None):
         name = api.template(template_id)["name"]
         api.delete(template_id)
         gr.Info(f"Deleted “{name}”.")
-        return refresh(query, "")
+        return refresh(query, "", image)
 
-    ui.confirm.click(delete, [ui.selected, ui.search], ui.refresh[2], api_visibility="private")
+    ui.confirm.click(delete, [ui.selected, ui.search, ui.search_image], ui.refresh[2], api_visibility="private")
 
     @guard
-    def do_import(file, repo, token, query):
+    def do_import(file, repo, token, query, image=None):
         if file:
             t = api.import_file(file)
         elif (repo or "").strip():
@@ -140,9 +179,9 @@ def build(api: StudioAPI) -> SimpleNamespace:
         else:
             raise gr.Error("Choose a .zip / .safetensors file, or type a Hugging Face repo id.")
         gr.Info(f"Imported “{t['name']}”.")
-        return refresh(query, t["id"]) + (None, "", "")
+        return refresh(query, t["id"], image) + (None, "", "")
 
-    ui.import_btn.click(do_import, [ui.import_file, ui.hub_repo, ui.hub_read_token, ui.search],
+    ui.import_btn.click(do_import, [ui.import_file, ui.hub_repo, ui.hub_read_token, ui.search, ui.search_image],
                         ui.refresh[2] + [ui.import_file, ui.hub_repo, ui.hub_read_token], api_visibility="private")
 
     @guard
@@ -154,4 +193,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     ui.share.click(share, [ui.selected, ui.repo, ui.token, ui.private], [ui.share_result, ui.token],
                    api_visibility="private")
+    # A round 2 finished (Refine section): select the new template and show it.
+    ui.refine.finished.change(lambda template_id: template_id, ui.refine.finished, ui.selected,
+                              api_visibility="private").then(*ui.refresh, api_visibility="private")
     return ui

@@ -10,7 +10,7 @@ import gradio as gr
 from ..api import StudioAPI
 from ..compose import LAYOUTS
 from ..generation import ASPECTS
-from . import present
+from . import gen_options, present
 from .common import guard
 
 MODES = [("Picture", "text-to-image"), ("Comic page", "multi-panel"), ("Meme", "meme")]
@@ -60,6 +60,22 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 with gr.Row():
                     ui.steps = gr.Slider(1, 60, value=28, step=1, label="Denoising steps")
                     ui.guidance = gr.Slider(0.0, 15.0, value=7.0, step=0.5, label="Guidance")
+            # Everything in here is off by default; gen_options maps the controls to GenerateOptions.
+            with gr.Accordion(gen_options.ACCORDION, open=False, elem_id="gen-advanced"):
+                ui.mix_with = gr.Dropdown(gen_options.mix_choices([], None), value=gen_options.NO_MIX,
+                                          label="Mix with a second template", info=gen_options.MIX_INFO,
+                                          elem_id="mix-template", filterable=True)
+                with gr.Column(visible=False) as ui.mix_row:  # shown once a second template is picked
+                    ui.mix_main = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label=gen_options.main_label(None),
+                                            info=gen_options.MAIN_STRENGTH_INFO, elem_id="mix-main-scale")
+                    ui.mix_scale = gr.Slider(0.0, 1.5, value=0.5, step=0.05, label=gen_options.mixed_label(None),
+                                             elem_id="mix-scale")
+                ui.schedule = gr.Slider(5, 100, value=100, step=5, label=gen_options.SCHEDULE_LABEL,
+                                        info=gen_options.SCHEDULE_INFO, elem_id="style-schedule")
+                ui.blend = gr.Slider(0, 100, value=0, step=5, label=gen_options.BLEND_LABEL,
+                                     info=gen_options.BLEND_INFO, elem_id="fusion-blend")
+                ui.prior = gr.Checkbox(False, label="Start from the style's noise prior", interactive=False,
+                                       info=gen_options.PRIOR_NO_TEMPLATE, elem_id="noise-prior")
             ui.go = gr.Button("Generate", variant="primary", size="lg", elem_id="generate-button")
         with gr.Column(scale=7, min_width=320):
             ui.result = gr.Gallery(label="Results", columns=2, height=640, object_fit="contain", format="png",
@@ -68,13 +84,34 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                file_count="multiple", interactive=False, elem_id="generated-files", visible=False)
     ui.style = gr.State("")  # the selected template's style prompt (to swap the prompt's ending)
 
-    def on_template(template_id, prompt, old_style):
+    def mix_dropdown(template_id, mix_with):
+        """The second-template choices without the main one (which cannot be mixed into itself)."""
+        choices = gen_options.mix_choices(api.templates(), template_id)
+        keep = mix_with if mix_with in {v for _, v in choices} else gen_options.NO_MIX
+        return gr.Dropdown(choices=choices, value=keep)
+
+    def on_template(template_id, prompt, old_style, mix_with):
         t = api.template(template_id) if template_id else None
         style = t["style_prompt"] if t else ""
-        return present.rewrap_prompt(prompt, old_style, style), style
+        can_prior, prior_info = gen_options.prior_state(t)
+        return (present.rewrap_prompt(prompt, old_style, style), style, mix_dropdown(template_id, mix_with),
+                gr.Checkbox(value=False, interactive=can_prior, info=prior_info),
+                gr.Slider(label=gen_options.main_label(t["name"] if t else None)))
 
-    ui.template.change(on_template, [ui.template, ui.prompt, ui.style], [ui.prompt, ui.style],
-                       api_visibility="private")
+    ui.template.change(on_template, [ui.template, ui.prompt, ui.style, ui.mix_with],
+                       [ui.prompt, ui.style, ui.mix_with, ui.prior, ui.mix_main], api_visibility="private")
+    # New templates appear in the mix list whenever it is opened.
+    ui.mix_with.focus(mix_dropdown, [ui.template, ui.mix_with], ui.mix_with, api_visibility="private")
+
+    def on_mix(mix_with):
+        name = api.template(mix_with)["name"] if mix_with else None
+        return gr.Column(visible=bool(mix_with)), gr.Slider(label=gen_options.mixed_label(name))
+
+    ui.mix_with.change(on_mix, ui.mix_with, [ui.mix_row, ui.mix_scale], api_visibility="private")
+    # The main template's strength shows in two places; user edits of either move the other
+    # (.input, not .change: programmatic updates would bounce between the two forever).
+    ui.scale.input(lambda v: v, ui.scale, ui.mix_main, api_visibility="private", queue=False)
+    ui.mix_main.input(lambda v: v, ui.mix_main, ui.scale, api_visibility="private", queue=False)
 
     def on_mode(mode, single):
         comic = mode == "multi-panel"
@@ -89,9 +126,11 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     @guard
     def run(template_id, mode, prompt, panels, layout, gutter, border, single, top, bottom, meme_style, scale,
-            aspect, count, seed, steps, guidance, progress=gr.Progress()):
+            aspect, count, seed, steps, guidance, mix_with, mix_scale, schedule, blend, prior,
+            progress=gr.Progress()):
         options = {"lora_scale": float(scale), "aspect": aspect, "num_images": int(count), "seed": int(seed or 0),
-                   "steps": int(steps), "guidance": float(guidance), "wrap_style": False}
+                   "steps": int(steps), "guidance": float(guidance), "wrap_style": False,
+                   **gen_options.advanced_options(mix_with, mix_scale, schedule, blend, prior)}
         if mode == "multi-panel":
             options.update(panels=panels, layout=layout, gutter=int(gutter), border=int(border),
                            single_shot=bool(single))
@@ -107,5 +146,6 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     ui.go.click(run, [ui.template, ui.mode, ui.prompt, ui.panels, ui.layout, ui.gutter, ui.border, ui.single,
                       ui.top, ui.bottom, ui.meme_style, ui.scale, ui.aspect, ui.count, ui.seed, ui.steps,
-                      ui.guidance], [ui.result, ui.files], api_visibility="private", concurrency_limit=4)
+                      ui.guidance, ui.mix_with, ui.mix_scale, ui.schedule, ui.blend, ui.prior],
+                [ui.result, ui.files], api_visibility="private", concurrency_limit=4)
     return ui

@@ -175,6 +175,8 @@ def template_card(t: dict | None) -> str:
     if t.get("imported"):
         meta.append("imported" + (f" from `{t['source_repo']}`" if t.get("source_repo") else ""))
     lines.append(" · ".join(meta))
+    if t.get("lineage"):
+        lines.append(lineage_text(t["lineage"]))
     return "\n\n".join(lines)
 
 
@@ -198,3 +200,130 @@ def rewrap_prompt(prompt: str, old_style: str | None, new_style: str | None) -> 
     if not text:
         text = "a cozy wood cabin in the snow"
     return text + for_new if for_new and not text.endswith(for_new) else text
+
+
+# -- finding styles and scores (studio.retrieval) -------------------------------------------------
+
+# The paper's FLUX.1-dev averages, style-friendly sampler, sigma 3 (Table 2, v3): a yardstick for the card.
+PAPER_SCORES = {"dino": 0.478, "clip_i": 0.691, "clip_t": 0.343}
+SCORE_LABELS = (("dino", "Style (DINO)"), ("clip_i", "Style (CLIP)"), ("clip_t", "Prompt (CLIP-T)"))
+
+
+def tile_image(t: dict) -> str | None:
+    """The picture a template's tile shows: in search results its picture closest to the query, else what
+    :func:`gallery_items` picks; None: no tile."""
+    return (t.get("closest_image") or t.get("thumbnail") or (t.get("previews") or [None])[-1]
+            or (t.get("references") or [None])[0])
+
+
+def similarity_text(similarity: float | None) -> str:
+    """An image-image cosine similarity for people: ``0.914`` -> ``"91 % alike"``."""
+    return "" if similarity is None else f"{max(0.0, similarity) * 100:.0f} % alike"
+
+
+def _md(text: str) -> str:
+    """Template names inside Markdown: no accidental emphasis, links or HTML."""
+    return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", str(text))
+
+
+def alike_list(results: list[dict], limit: int = 4) -> str:
+    """``"**Crimson poster** 97 % alike · **Blue wash** 71 % alike"``: names with how alike, best first."""
+    parts = [f"**{_md(t['name'])}** {similarity_text(t.get('similarity'))}".rstrip() for t in results[:limit]]
+    more = len(results) - limit
+    return " · ".join(parts) + (f" · and {more} more" if more > 0 else "")
+
+
+def search_items(found: dict) -> list[tuple[str, str]]:
+    """Gallery tiles for search results: each template's picture closest to the query (so the tile shows why
+    it came up), captioned with its name (tiles are narrow: how alike goes in :func:`search_note`)."""
+    return [(tile_image(t), t["name"]) for t in found.get("results") or [] if tile_image(t)]
+
+
+GALLERY_LABEL = "Your style templates — click one"
+
+
+def gallery_label(found: dict | None) -> str:
+    """The gallery's label: what the tiles are (all templates, or a search's results in their order)."""
+    mode = (found or {}).get("mode")
+    if mode == "image":
+        return "Most like your picture, best first — click one"
+    if mode == "text":
+        return "Best matches first — click one"
+    if mode == "names":
+        return "Names and style prompts with your words — click one"
+    return GALLERY_LABEL
+
+
+def search_note(found: dict) -> str:
+    """The line under the search results: how alike each template is (by picture), or how text search ranks."""
+    if found.get("mode") == "image" and found.get("results"):
+        return f"Most like your picture: {alike_list(found['results'])}."
+    return found.get("note") or ""
+
+
+def scores_markdown(scores: dict | None) -> str:
+    """The card's score line, or why there are none."""
+    if not scores:
+        return ""
+    if not scores.get("available"):
+        reason = html.escape(str(scores.get("reason") or "unknown reason"))
+        if scores.get("models_missing"):
+            return ("**Scores unavailable:** the metric models (DINO ViT-S/16, CLIP ViT-B/32) are not on this "
+                    "machine — see *Find a style* in the README.\n\n"
+                    f"<span class='hint'>{reason}</span>")
+        return f"**No scores:** {reason}."
+    n = int(scores.get("n_images") or 0)
+    values = " · ".join(f"{label} **{scores[key]:.2f}**" for key, label in SCORE_LABELS
+                        if isinstance(scores.get(key), (int, float)))
+    paper = ", ".join(f"{label.split(' ')[-1].strip('()')} {PAPER_SCORES[key]:.2f}" for key, label in SCORE_LABELS)
+    return (f"**Scores** on its {n} final preview{'s' if n != 1 else ''}: {values}\n\n"
+            "<span class='hint'>Style: how close the previews look to the reference images. Prompt: how well "
+            "they show what their prompt asked for. Higher is closer (1 = identical). For comparison, the paper's "
+            f"FLUX.1-dev averages: {paper}.</span>")
+
+
+def similar_markdown(found: dict) -> str:
+    """The Train tab's "you may already have this style" header, naming the templates and how alike they are."""
+    results = found.get("results") or []
+    if not results:
+        return ""
+    named = [f"**{_md(t['name'])}** ({similarity_text(t.get('similarity'))})" for t in results]
+    listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
+    if len(results) == 1:
+        return (f"**You may already have this style.** {listed} looks like your references: you can use it "
+                "instead of training again — or just go on.")
+    return (f"**You may already have this style.** {listed} look like your references: pick one and use it "
+            "instead of training again — or just go on.")
+
+
+# -- refining (studio.refine: StyleDrop's round 2) -------------------------------------------------
+
+
+def lineage_text(lineage: dict) -> str:
+    """The card's line for a refined template: where it came from and what it learned from."""
+    n = len(lineage.get("synthetic") or [])
+    pictures = f"{n} test picture{'s' if n != 1 else ''}"
+    if lineage.get("mode") == "auto":
+        how = f"{pictures} CLIP picked" + (f" out of {lineage['candidates']}" if lineage.get("candidates") else "")
+    else:
+        how = f"{pictures} you picked"
+    return (f"↳ **Refined from {lineage.get('parent_name') or lineage.get('parent')}** (round "
+            f"{lineage.get('round') or 2}): trained again on its references plus {how}.")
+
+
+def candidate_label(index: int, prompt: str | None) -> str:
+    """How a test picture is named on the page: ``"3 · A moose"``."""
+    return f"{index + 1} · {prompt}" if prompt else f"{index + 1}"
+
+
+def picked_items(lineage: dict | None) -> list[tuple[str, str]]:
+    """Gallery items for the test pictures a refined template learned from, with their prompt (and scores)."""
+    items = []
+    for entry in (lineage or {}).get("synthetic") or []:
+        if not entry.get("image"):
+            continue
+        caption = entry.get("prompt") or ""
+        if isinstance(entry.get("score"), (int, float)):
+            caption += f" · style {entry.get('style', 0):.2f} × prompt {entry.get('text', 0):.2f}"
+        items.append((entry["image"], caption))
+    return items

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from ..api import StudioAPI, suggest_name
+from ..errors import StudioError
 from ..jobs import FINAL
 from ..recipe import PRESETS, Recipe
 from ..training import preview_prompts
@@ -43,6 +44,13 @@ def build(api: StudioAPI) -> SimpleNamespace:
                               file_types=["image"], elem_id="ref-images", height=150)
             ui.thumbs = gr.Gallery(label="Your references", columns=6, height=150, object_fit="cover",
                                    allow_preview=False, visible=False, elem_id="ref-thumbs", buttons=[])
+            # "You may already have this style": templates that look like the references (studio.retrieval)
+            with gr.Group(visible=False, elem_id="similar-box") as ui.similar_box:
+                ui.similar_note = gr.Markdown(elem_id="similar-note", padding=True)
+                # container=False: inside a Group, Gradio 6 draws a thick dark frame around a Gallery block
+                ui.similar = gr.Gallery(show_label=False, columns=4, height=150, object_fit="cover", fit_columns=False,
+                                        allow_preview=False, elem_id="similar-templates", buttons=[], container=False)
+                ui.similar_use = gr.Button("Use it instead →", variant="secondary", elem_id="similar-use")
             gr.Markdown("### 2 · Describe the style")
             ui.style = gr.Textbox(label="Style prompt", placeholder="e.g. watercolor painting",
                                   info="Describe the style, not the subject — e.g. “watercolor painting”. "
@@ -74,6 +82,11 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                          elem_id="preview-every")
                     ui.preview_prompt = gr.Textbox(label="Extra preview prompt (optional)",
                                                    placeholder="e.g. a lighthouse at dusk", max_lines=1)
+                ui.noise_prior = gr.Checkbox(
+                    False, label="Style noise prior", elem_id="train-noise-prior",
+                    info="Also learn the references' average colours and layout as the starting noise of a picture. "
+                         "Tick “Start from the style's noise prior” on the Generate tab to use it. Helps styles "
+                         "with a strong palette; off in the paper's recipe.")
             ui.train = gr.Button("Train", variant="primary", size="lg", elem_id="train-button")
         with gr.Column(scale=7, min_width=320):
             gr.Markdown("### Training")
@@ -103,6 +116,38 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     ui.refs.change(show_refs, ui.refs, ui.thumbs, api_visibility="private", queue=False)
 
+    ui.similar_found = gr.State([])  # [[id, name], ...] of the tiles in ui.similar
+    ui.similar_pick = gr.State("")  # the template "Use it instead" opens (app wiring listens)
+
+    def use_label(name: str) -> gr.Button:
+        return gr.Button(value=f"Use “{name}” instead →")
+
+    def find_similar(files):
+        """After an upload: the templates that already look like these references; none: the box hides."""
+        found: dict = {"results": []}
+        paths = [str(f) for f in files or []]
+        if paths:
+            try:
+                found = api.similar_templates(paths)
+            except StudioError:  # a file that is not an image: pressing Train says what is wrong with it
+                pass
+        shown = [[t["id"], t["name"]] for t in found["results"] if present.tile_image(t)]
+        return (gr.Group(visible=bool(shown)), present.similar_markdown(found),
+                present.search_items(found) or None, shown,
+                shown[0][0] if shown else "", use_label(shown[0][1]) if shown else gr.skip())
+
+    ui.refs.change(find_similar, ui.refs, [ui.similar_box, ui.similar_note, ui.similar, ui.similar_found,
+                                           ui.similar_pick, ui.similar_use],
+                   api_visibility="private", trigger_mode="always_last")
+
+    def pick_similar(found, evt: gr.SelectData):
+        if evt.index is None or evt.index >= len(found):
+            return gr.skip(), gr.skip()
+        return found[evt.index][0], use_label(found[evt.index][1])
+
+    ui.similar.select(pick_similar, ui.similar_found, [ui.similar_pick, ui.similar_use], api_visibility="private",
+                      queue=False)
+
     def fill_name(style, name):
         if (name or "").strip() or not (style or "").strip():
             return gr.skip()
@@ -114,12 +159,12 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     @guard
     def start(files, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed, offset, every,
-              preview_prompt):
+              preview_prompt, noise_prior=False):
         # sigma empty (or 0): the backbone family's paper default
         options = {"preset": preset, "sampler": sampler, "mu": mu, "sigma": sigma or None, "steps": steps, "lr": lr,
                    "rank": rank, "resolution": None if resolution in (None, "auto") else int(resolution),
                    "seed": seed, "offset_noise": offset, "preview_every": every,
-                   "preview_prompt": (preview_prompt or "").strip() or None}
+                   "preview_prompt": (preview_prompt or "").strip() or None, "noise_prior": bool(noise_prior)}
         options = {k: (int(v) if k in ("steps", "rank", "seed", "preview_every") and v is not None else v)
                    for k, v in options.items() if v is not None or k == "preview_prompt"}
         job_id = api.train(files, style, name, options)
@@ -130,7 +175,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     panel = [ui.status, ui.cancel, ui.use, ui.loss, ui.tplot, ui.previews, ui.shown, ui.timer]
     ui.train.click(start, [ui.refs, ui.style, ui.name, ui.preset, ui.sampler, ui.mu, ui.sigma, ui.steps, ui.lr,
-                           ui.rank, ui.resolution, ui.seed, ui.offset, ui.every, ui.preview_prompt],
+                           ui.rank, ui.resolution, ui.seed, ui.offset, ui.every, ui.preview_prompt, ui.noise_prior],
                    [ui.job] + panel, api_visibility="private", concurrency_limit=4)
 
     def render(job_id, shown):
