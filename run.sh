@@ -6,10 +6,4 @@ cd "$(dirname "$0")"
 scripts/setup.sh
 . .venv/bin/activate
 export GRADIO_ANALYTICS_ENABLED=${GRADIO_ANALYTICS_ENABLED:-False} HF_HUB_DISABLE_TELEMETRY=${HF_HUB_DISABLE_TELEMETRY:-1}
-if [ -f app.py ]; then
-  exec python app.py "$@"
-fi
-# Until the web UI lands: a demo training on the tiny backbone, then one generated image.
-folder=$(python -m studio train --backbone tiny --images assets/examples/watercolor.png \
-  --style "watercolor painting" --name demo "$@" | tail -n 1)
-python -m studio generate --template "$(basename "$folder")" --prompt "a wood cabin" --out outputs
+exec python app.py "$@"

@@ -329,3 +329,27 @@ def reference_aspect(size: tuple[int, int], resolution: int, multiple: int = 16)
     width = max(multiple, round(w * scale / multiple) * multiple)
     height = max(multiple, round(h * scale / multiple) * multiple)
     return width, height
+
+
+def name_card(name: str, note: str, size: int = 384) -> Image.Image:
+    """A plain card with a template's name and a short note: the gallery tile of a template that has
+    no picture (a LoRA imported without previews), so it can still be found and picked."""
+    img = Image.new("RGB", (size, size), (236, 232, 224))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([6, 6, size - 7, size - 7], outline=(150, 140, 125), width=3)
+    margin = size // 10
+    path = font_for(name, CAPTION_FONT)
+    largest = size // 7
+    longest = max(name.split() or [name], key=len)
+    while largest > 12 and _font(path, largest).getlength(longest) > size - 2 * margin:
+        largest -= 2  # words are not broken while a smaller size keeps them whole
+    font, lines = fit_text(name, path, size - 2 * margin, size * 0.5, max_size=largest)
+    y = size * 0.34 - len(lines) * _line_height(font) / 2  # the gallery captions cover the bottom fifth
+    for line in lines:
+        draw.text(((size - font.getlength(line)) / 2, y), line, font=font, fill=(40, 36, 32))
+        y += _line_height(font)
+    small = _font(str(CAPTION_FONT), max(10, size // 20))
+    for i, line in enumerate(wrap_text(note, small, size - 2 * margin)):
+        draw.text(((size - small.getlength(line)) / 2, size * 0.58 + i * _line_height(small)), line,
+                  font=small, fill=(110, 100, 90))
+    return img

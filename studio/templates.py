@@ -63,6 +63,10 @@ ALLOWED_SUFFIXES = frozenset({".json", ".jsonl", ".png", ".jpg", ".jpeg", ".webp
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 DEFAULT_BACKBONES = {"flux": "flux-dev", "sd3": "sd3.5-large"}
+# An imported LoRA with no backbone in its metadata: its attention width says which model it was trained on
+# (tiny FLUX: 2 heads x 32; FLUX.1: 24 x 128; SD3.5 Large: 38 x 64; SD3.5 Medium: 24 x 64).
+BACKBONES_BY_WIDTH = {("flux", 64): "tiny", ("flux", 3072): "flux-dev", ("sd3", 2432): "sd3.5-large",
+                      ("sd3", 1536): "sd3.5-medium"}
 STYLE_PROMPT_KEYS = ("style_prompt", "studio_style_prompt", "modelspec.trigger_phrase", "trigger_phrase",
                      "trigger_words", "trigger_word", "instance_prompt")
 MAX_IMPORTED_PROMPT_CHARS = 2000
@@ -672,6 +676,8 @@ def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str]) 
         arch = header.get("modelspec.architecture", "").lower()
         if not backbone and family == "sd3" and "medium" in arch:
             backbone = "sd3.5-medium"
+        if not backbone:
+            backbone = BACKBONES_BY_WIDTH.get((family, _attention_width(folder / LORA_FILE)))
     if not isinstance(backbone, str) or not backbone.strip() or len(backbone) > 300 or (
             backbone in KNOWN_BACKBONES and KNOWN_BACKBONES[backbone][0] != family):
         backbone = DEFAULT_BACKBONES[family]
@@ -693,6 +699,21 @@ def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str]) 
     thumb = _safe_relative(meta.get("thumbnail"))
     if "thumbnail" in meta and (thumb is None or not (folder / thumb).is_file()):
         meta.pop("thumbnail")
+
+
+def _attention_width(lora: Path) -> int | None:
+    """The input width of the first attention query projection's LoRA (lora_A is rank x width), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(lora), framework="pt") as f:
+            for key in f.keys():
+                if key.endswith(("to_q.lora_A.weight", "to_q.lora_down.weight")):
+                    shape = f.get_slice(key).get_shape()
+                    return int(shape[1]) if len(shape) == 2 else None
+    except (OSError, ValueError, RuntimeError):
+        return None
+    return None
 
 
 def _zip_error(zip_name: str, member: str, why: str) -> InputError:

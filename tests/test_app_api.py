@@ -195,3 +195,17 @@ def test_page_helpers():
     assert items[0] == ("c", "step 10 · a robot") and items[-1] == ("b", "step 0 · base model · a penguin")
     assert present.final_previews(["p/step_0000_p0.png", "p/step_0020_p0.png", "p/step_0020_p1.png"]) == \
         ["p/step_0020_p0.png", "p/step_0020_p1.png"]
+
+
+def test_a_template_without_pictures_still_gets_a_tile():
+    """A LoRA imported without previews is shown as a card with its name, not left out of the gallery
+    (which would also shift every later tile's selection onto the wrong template)."""
+    from studio.ui import present
+
+    bare = {"id": "ink", "name": "Ink wash", "thumbnail": None, "previews": [], "references": []}
+    pictured = {"id": "red", "name": "Red", "thumbnail": None, "previews": ["a.png", "b.png"], "references": []}
+    items = present.gallery_items([bare, pictured])
+    assert [name for _, name in items] == ["Ink wash", "Red"] and items[1][0] == "b.png"
+    with Image.open(items[0][0]) as card:
+        assert card.size == (384, 384) and len(set(card.convert("L").getdata())) > 2  # text was drawn
+    assert present.tile_image(bare) == items[0][0]  # made once, reused

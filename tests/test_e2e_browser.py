@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,22 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
         page.locator("#export-button").click()
     assert download.value.suggested_filename == "poster-test.zip"
     shoot(page, "gallery")
+
+    # -- a LoRA imported without any picture still gets a tile (a card with its name), and picking it
+    # selects it, not a neighbour
+    lora = tmp_path / "someone-elses-style.safetensors"
+    with zipfile.ZipFile(download.value.path()) as z:
+        lora.write_bytes(z.read("lora.safetensors"))
+    page.locator("#import-box").get_by_text("Import a template").click()
+    page.locator("#import-file input[type=file]").set_input_files(str(lora))
+    page.locator("#import-button").click()
+    expect(page.locator("#gallery img")).to_have_count(2, timeout=30_000)
+    page.locator("#gallery img").nth(0).click()  # newest first
+    expect(page.locator("#template-card")).to_contain_text("someone-elses-style", timeout=10_000)
+    expect(page.locator("#template-card")).to_contain_text("tiny")  # its width says which model it fits
+    shoot(page, "gallery_import")
+    page.locator("#gallery img").nth(1).click()
+    expect(page.locator("#template-card")).to_contain_text("Poster test")
 
     # -- generate: a 4-panel comic page, then a classic meme
     page.locator("#gallery-generate").click()

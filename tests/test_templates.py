@@ -578,3 +578,26 @@ def test_a_member_larger_than_declared_is_cut_off(store, tmp_path):
     with pytest.raises(InputError):
         store.import_file(archive)
     assert snapshot(store) == before
+
+
+def test_import_guesses_the_backbone_from_the_lora_width(store, tmp_path):
+    """A bare LoRA says nothing about its model; its attention width does (tiny FLUX is 64 wide, FLUX.1 3072),
+    so a LoRA trained in the demo studio imports as a tiny template and can be used there."""
+    def bare(width: int, name: str) -> Path:
+        state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, width),
+                 "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(width, 4)}
+        path = tmp_path / f"{name}.safetensors"
+        save_file(state, str(path))
+        return path
+
+    assert store.import_file(bare(64, "demo")).backbone == "tiny"
+    assert store.import_file(bare(3072, "real")).backbone == "flux-dev"
+    assert store.import_file(bare(100, "unknown")).backbone == "flux-dev"  # the family's default
+
+
+def test_tiny_widths_match_the_built_tiny_model(tiny_folder):
+    from studio.templates import BACKBONES_BY_WIDTH
+
+    config = json.loads((Path(tiny_folder) / "transformer" / "config.json").read_text())
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    assert BACKBONES_BY_WIDTH[("flux", width)] == "tiny"

@@ -88,7 +88,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
         else:
             templates = api.templates()
             items = present.gallery_items(templates)
-        ids = [t["id"] for t in templates if present.tile_image(t)]  # one id per tile shown, in tile order
+        ids = [t["id"] for t in templates]  # one tile per template, in order
         gallery = gr.Gallery(value=items, label=present.gallery_label(found))
         selected = selected if selected in ids else (ids[0] if ids else "")
         if templates:

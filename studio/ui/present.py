@@ -6,8 +6,10 @@ Pure functions, no Gradio, so the tab modules stay wiring only and this is testa
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import math
+import os
 import re
 from datetime import datetime
 from pathlib import Path
@@ -140,13 +142,27 @@ def preview_items(previews: list[dict], prompts: list[str]) -> list[tuple[str, s
 
 
 def gallery_items(templates: list[dict]) -> list[tuple[str, str]]:
-    """Gallery tiles for templates (thumbnail, name)."""
-    out = []
-    for t in templates:
-        image = t.get("thumbnail") or (t.get("previews") or [None])[-1] or (t.get("references") or [None])[0]
-        if image:
-            out.append((image, t["name"]))
-    return out
+    """Gallery tiles for templates (picture, name), one per template, in order."""
+    return [(tile_image(t), t["name"]) for t in templates]
+
+
+NO_PICTURE_NOTE = "imported LoRA · no pictures yet: generate with it to see its style"
+
+
+@functools.lru_cache(maxsize=256)
+def _name_card(name: str) -> str:
+    import tempfile
+
+    from ..compose import name_card
+
+    folder = Path(tempfile.gettempdir()) / "studio-name-cards"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(f'card-v2:{name}'.encode()).hexdigest()[:16]}.png"  # v2: the card's look
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        name_card(name, NO_PICTURE_NOTE).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    return str(path)
 
 
 def final_previews(paths: list[str]) -> list[str]:
@@ -209,11 +225,11 @@ PAPER_SCORES = {"dino": 0.478, "clip_i": 0.691, "clip_t": 0.343}
 SCORE_LABELS = (("dino", "Style (DINO)"), ("clip_i", "Style (CLIP)"), ("clip_t", "Prompt (CLIP-T)"))
 
 
-def tile_image(t: dict) -> str | None:
-    """The picture a template's tile shows: in search results its picture closest to the query, else what
-    :func:`gallery_items` picks; None: no tile."""
+def tile_image(t: dict) -> str:
+    """The picture a template's tile shows: in search results its picture closest to the query, else its
+    thumbnail, last preview or first reference; a card with its name when it has no picture at all."""
     return (t.get("closest_image") or t.get("thumbnail") or (t.get("previews") or [None])[-1]
-            or (t.get("references") or [None])[0])
+            or (t.get("references") or [None])[0] or _name_card(t["name"]))
 
 
 def similarity_text(similarity: float | None) -> str:
@@ -236,7 +252,7 @@ def alike_list(results: list[dict], limit: int = 4) -> str:
 def search_items(found: dict) -> list[tuple[str, str]]:
     """Gallery tiles for search results: each template's picture closest to the query (so the tile shows why
     it came up), captioned with its name (tiles are narrow: how alike goes in :func:`search_note`)."""
-    return [(tile_image(t), t["name"]) for t in found.get("results") or [] if tile_image(t)]
+    return [(tile_image(t), t["name"]) for t in found.get("results") or []]
 
 
 GALLERY_LABEL = "Your style templates — click one"
@@ -268,9 +284,12 @@ def scores_markdown(scores: dict | None) -> str:
     if not scores.get("available"):
         reason = html.escape(str(scores.get("reason") or "unknown reason"))
         if scores.get("models_missing"):
+            # the full reason (which model, which folder) is in the API's answer; the card stays short
             return ("**Scores unavailable:** the metric models (DINO ViT-S/16, CLIP ViT-B/32) are not on this "
-                    "machine — see *Find a style* in the README.\n\n"
-                    f"<span class='hint'>{reason}</span>")
+                    "machine.\n\n<span class='hint'>To see how close this style's previews are to its references, "
+                    "download them once with `hf download facebook/dino-vits16` and `hf download "
+                    "openai/clip-vit-base-patch32`, or set STUDIO_DINO_MODEL and STUDIO_CLIP_MODEL to local "
+                    "copies (see *Find a style* in the README).</span>")
         return f"**No scores:** {reason}."
     n = int(scores.get("n_images") or 0)
     values = " · ".join(f"{label} **{scores[key]:.2f}**" for key, label in SCORE_LABELS

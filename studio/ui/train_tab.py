@@ -131,7 +131,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 found = api.similar_templates(paths)
             except StudioError:  # a file that is not an image: pressing Train says what is wrong with it
                 pass
-        shown = [[t["id"], t["name"]] for t in found["results"] if present.tile_image(t)]
+        shown = [[t["id"], t["name"]] for t in found["results"]]
         return (gr.Group(visible=bool(shown)), present.similar_markdown(found),
                 present.search_items(found) or None, shown,
                 shown[0][0] if shown else "", use_label(shown[0][1]) if shown else gr.skip())
