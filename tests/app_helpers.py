@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def free_port() -> int:
@@ -79,3 +85,15 @@ def start_app(root: Path, **kw) -> RunningApp:
     app = RunningApp(root, **kw)
     app.wait_ready()
     return app
+
+
+def wait_done(client, job_id: str, timeout: float = 180, ok: bool = False) -> dict:
+    """Poll ``/job_status`` until the job ends and return its last status (``ok``: it must have succeeded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.predict(job_id, api_name="/job_status")
+        if status["state"] in ("done", "failed", "cancelled"):
+            assert not ok or status["state"] == "done", status["error"]
+            return status
+        time.sleep(0.3)
+    pytest.fail(f"job {job_id} did not finish in {timeout}s")

@@ -26,3 +26,22 @@ def tiny_backbone(tiny_folder):
     from studio.backbones import load_backbone
 
     return load_backbone("tiny")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Debian Chromium through Playwright; skipped without it, a failure in CI."""
+    from app_helpers import CHROMIUM, CHROMIUM_ARGS, IN_CI
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or not Path(CHROMIUM).exists():
+        if IN_CI:
+            pytest.fail("CI must run the browser tests: install playwright (pip) and chromium (apt-get)")
+        pytest.skip("playwright or Debian's chromium is not installed (test.sh installs both)")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from app_helpers import start_app
+from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -41,16 +41,6 @@ def ref(tmp_path_factory) -> str:
     img.paste((40, 90, 200), (0, 0, 48, 32))
     img.save(path)
     return str(path)
-
-
-def wait_done(client, job_id, timeout=120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.predict(job_id, api_name="/job_status")
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.3)
-    pytest.fail(f"job {job_id} did not finish in {timeout}s")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ Set STUDIO_SHOTS=/some/folder to also save screenshots of every tab at 1280 and 
 from __future__ import annotations
 
 import os
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -16,27 +15,10 @@ import pytest
 from app_helpers import start_app
 from PIL import Image
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
 try:
     from playwright.sync_api import expect, sync_playwright
-except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt)
+except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt); the browser fixture skips
     sync_playwright = None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None or not Path(CHROMIUM).exists():
-        if IN_CI:
-            pytest.fail("CI must run the browser test: install playwright (pip) and chromium (apt-get)")
-        pytest.skip("playwright or Debian's chromium is not installed (test.sh installs both)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def test_advanced_controls_map_to_options():
 # -- the Generate tab's Advanced accordion in a real browser ----------------------------------------
 
 
-def test_advanced_accordion_in_the_browser(app, api, templates):
+def test_advanced_accordion_in_the_browser(browser, app, api, templates):
     """Pick a template, open Advanced, mix in a second one, shorten the style schedule, generate:
     the worker gets exactly those options. A template without a prior says why the box is off.
 
@@ -191,61 +191,53 @@ def test_advanced_accordion_in_the_browser(app, api, templates):
     """
     import os
 
-    from test_e2e_browser import ARGS, CHROMIUM, set_slider, sync_playwright
+    from test_e2e_browser import expect, set_slider
 
-    if sync_playwright is None or not Path(CHROMIUM).exists():
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail("CI must run the browser tests: install playwright (pip) and chromium (apt-get)")
-        pytest.skip("playwright or Debian's chromium is not installed (test.sh installs both)")
-    from playwright.sync_api import expect
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.set_default_timeout(20_000)
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.get_by_role("tab", name="Generate").click()
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.set_default_timeout(20_000)
-        page.goto(app.url, wait_until="domcontentloaded")
-        page.get_by_role("tab", name="Generate").click()
+    def pick(elem_id: str, label: str) -> None:
+        page.locator(f"#{elem_id} input").click()
+        page.get_by_role("option", name=label).click()
 
-        def pick(elem_id: str, label: str) -> None:
-            page.locator(f"#{elem_id} input").click()
-            page.get_by_role("option", name=label).click()
+    pick("template-picker", "Red poster — flat poster")
+    page.locator("#gen-advanced").get_by_text(gen_options.ACCORDION, exact=True).click()
+    prior = page.locator("#noise-prior input[type=checkbox]")
+    expect(prior).to_be_enabled()
+    expect(page.locator("#noise-prior")).to_contain_text("average colours")
+    expect(page.locator("#mix-scale")).to_be_hidden()
+    pick("mix-template", "Blue poster — flat poster")
+    expect(page.locator("#mix-scale")).to_contain_text("Strength of “Blue poster” (mixed in)")
+    expect(page.locator("#mix-main-scale")).to_contain_text("Strength of “Red poster” (main template)")
+    for elem_id, value in (("mix-scale", "0.7"), ("mix-main-scale", "0.8"), ("style-schedule", "50")):
+        page.locator(f"#{elem_id} input[type=number]").fill(value)
+        page.locator(f"#{elem_id} input[type=number]").press("Tab")
+    prior.check()
+    shots = os.environ.get("STUDIO_SHOTS")
+    if shots:
+        Path(shots).mkdir(parents=True, exist_ok=True)
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(Path(shots) / "generate-advanced.png"), full_page=True)
+    page.locator("#gen-settings").get_by_text("Size, seed, strength and steps").click()
+    set_slider(page, "Denoising steps", 4)
+    page.locator("#generate-button").click()
+    expect(page.locator("#generated-files")).to_contain_text(".png", timeout=90_000)
+    job = api.jobs.list_jobs(kind="generate", limit=1)[0]
+    options = job["request"]["options"]
+    assert job["template_id"] == templates["red"] and job["state"] == "done"
+    assert options["mix"] == [{"template": templates["blue"], "scale": 0.7}]
+    assert options["style_schedule"] == 0.5 and options["noise_prior"] is True
+    assert options["fusion_weight"] == 1.0 and options["steps"] == 4  # blend left at 0 % = off
+    assert options["lora_scale"] == 0.8  # the main template's slider in the mix moved "Style strength"
 
-        pick("template-picker", "Red poster — flat poster")
-        page.locator("#gen-advanced").get_by_text(gen_options.ACCORDION, exact=True).click()
-        prior = page.locator("#noise-prior input[type=checkbox]")
-        expect(prior).to_be_enabled()
-        expect(page.locator("#noise-prior")).to_contain_text("average colours")
-        expect(page.locator("#mix-scale")).to_be_hidden()
-        pick("mix-template", "Blue poster — flat poster")
-        expect(page.locator("#mix-scale")).to_contain_text("Strength of “Blue poster” (mixed in)")
-        expect(page.locator("#mix-main-scale")).to_contain_text("Strength of “Red poster” (main template)")
-        for elem_id, value in (("mix-scale", "0.7"), ("mix-main-scale", "0.8"), ("style-schedule", "50")):
-            page.locator(f"#{elem_id} input[type=number]").fill(value)
-            page.locator(f"#{elem_id} input[type=number]").press("Tab")
-        prior.check()
-        shots = os.environ.get("STUDIO_SHOTS")
-        if shots:
-            Path(shots).mkdir(parents=True, exist_ok=True)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(Path(shots) / "generate-advanced.png"), full_page=True)
-        page.locator("#gen-settings").get_by_text("Size, seed, strength and steps").click()
-        set_slider(page, "Denoising steps", 4)
-        page.locator("#generate-button").click()
-        expect(page.locator("#generated-files")).to_contain_text(".png", timeout=90_000)
-        job = api.jobs.list_jobs(kind="generate", limit=1)[0]
-        options = job["request"]["options"]
-        assert job["template_id"] == templates["red"] and job["state"] == "done"
-        assert options["mix"] == [{"template": templates["blue"], "scale": 0.7}]
-        assert options["style_schedule"] == 0.5 and options["noise_prior"] is True
-        assert options["fusion_weight"] == 1.0 and options["steps"] == 4  # blend left at 0 % = off
-        assert options["lora_scale"] == 0.8  # the main template's slider in the mix moved "Style strength"
-
-        pick("template-picker", "Blue poster — flat poster")
-        expect(prior).to_be_disabled()
-        expect(prior).not_to_be_checked()
-        expect(page.locator("#noise-prior")).to_contain_text("trained without it")
-        expect(page.locator("#mix-scale")).to_be_hidden()  # Blue can no longer be mixed into itself
-        if shots:
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(Path(shots) / "generate-advanced-no-prior.png"), full_page=True)
-        browser.close()
+    pick("template-picker", "Blue poster — flat poster")
+    expect(prior).to_be_disabled()
+    expect(prior).not_to_be_checked()
+    expect(page.locator("#noise-prior")).to_contain_text("trained without it")
+    expect(page.locator("#mix-scale")).to_be_hidden()  # Blue can no longer be mixed into itself
+    if shots:
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(Path(shots) / "generate-advanced-no-prior.png"), full_page=True)
+    page.close()

@@ -10,12 +10,11 @@ automatic feedback says so before anything is queued.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import start_app
+from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -115,20 +114,10 @@ def client(app):
     c.close()
 
 
-def wait_done(client, job_id, timeout=180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.predict(job_id, api_name="/job_status")
-        if status["state"] in ("done", "failed", "cancelled"):
-            assert status["state"] == "done", status["error"]
-            return status
-        time.sleep(0.3)
-    pytest.fail(f"job {job_id} did not finish in {timeout}s")
-
-
 @pytest.fixture(scope="module")
 def parent(client, ref) -> dict:
-    status = wait_done(client, client.predict([handle_file(ref)], "flat poster", "Poster", FAST, api_name="/train"))
+    job = client.predict([handle_file(ref)], "flat poster", "Poster", FAST, api_name="/train")
+    status = wait_done(client, job, ok=True)
     return next(t for t in client.predict(api_name="/templates") if t["id"] == status["template_id"])
 
 
@@ -153,7 +142,7 @@ def test_candidates_show_other_subjects_and_carry_their_prompt(candidates):
 def test_human_feedback_trains_on_references_plus_favourites(client, app, parent, candidates):
     chosen = [candidates[1], candidates[3]]
     job = client.predict(parent["id"], [handle_file(c) for c in chosen], "human", ROUND2, api_name="/refine")
-    status = wait_done(client, job)
+    status = wait_done(client, job, ok=True)
     assert status["total_steps"] == ROUND2["steps"] and status["name"] == "Poster · round 2"
 
     # Ablation: round 2's training set is the parent's reference plus exactly the two favourites.
@@ -187,7 +176,7 @@ def test_human_feedback_trains_on_references_plus_favourites(client, app, parent
 def test_automatic_feedback_keeps_the_best_style_times_text(client, app, parent, candidates, metric_models):
     job = client.predict(parent["id"], [], "auto", {"candidates": 4, "top_k": 2, "candidate_steps": 2, **ROUND2},
                          api_name="/refine")
-    status = wait_done(client, job)
+    status = wait_done(client, job, ok=True)
     run = app.root / "runs" / job
     made = sorted((run / refine.CANDIDATES_DIR).glob("cand_*.png"))
     assert len(made) == 4

@@ -14,7 +14,6 @@ import pytest
 from app_helpers import start_app
 from gradio_client import Client, handle_file
 from PIL import Image
-from test_e2e_browser import browser  # noqa: F401 (the shared fixture: Chromium, or a skip / CI failure)
 
 from studio.metrics import build_tiny_metric_models
 
@@ -44,7 +43,7 @@ def crop_to(path: Path, page, first: str, last: str) -> None:
         img.crop((0, max(0, int(top) - 16), img.width, min(img.height, int(bottom) + 16))).save(path)
 
 
-def test_refine_with_favourites_in_the_gallery(browser, app):  # noqa: F811
+def test_refine_with_favourites_in_the_gallery(browser, app):
     client = Client(app.url, verbose=False, analytics_enabled=False)
     job = client.predict([handle_file(str(ROOT / "assets" / "examples" / "watercolor.png"))], "watercolor painting",
                          "Watercolors", {"steps": 12, "preview_every": 6, "grad_accum": 1}, api_name="/train")

@@ -9,32 +9,22 @@ card's scores; similar.png: the Train tab's "you may already have this style").
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import ROOT, start_app
+from app_helpers import ROOT, start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
+from test_e2e_browser import expect
 
 from studio.metrics import build_tiny_metric_models
 
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 RED, BLUE = (215, 40, 35), (35, 50, 210)
 NEW_ENDPOINTS = {"/search_templates", "/similar_templates", "/template_scores"}
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt)
-    sync_playwright = None
 
 
 def picture(path: Path, colour, seed: int, size=(96, 80)) -> str:
@@ -72,16 +62,6 @@ def client(app):
     c = Client(app.url, verbose=False, analytics_enabled=False)
     yield c
     c.close()
-
-
-def wait_done(client, job_id, timeout=180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = client.predict(job_id, api_name="/job_status")
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.3)
-    pytest.fail(f"job {job_id} did not finish in {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -184,18 +164,6 @@ def test_cli_search_and_scores(app, templates, images, models):
 
 
 # -- browser ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if sync_playwright is None or not Path(CHROMIUM).exists():
-        if IN_CI:
-            pytest.fail("CI must run the browser test: install playwright (pip) and chromium (apt-get)")
-        pytest.skip("playwright or Debian's chromium is not installed (test.sh installs both)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        yield b
-        b.close()
 
 
 def shoot(page, name: str) -> None:
