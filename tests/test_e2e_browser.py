@@ -44,20 +44,28 @@ def field(page, elem_id: str):
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
 
 
-def set_slider(page, label: str, value: int) -> None:
-    """Type a number into a Slider's box and wait until the slider itself shows it: on a busy machine the
-    first keystrokes can land before the component has hydrated, and Generate would send the old value."""
-    box = page.get_by_label(f"number input for {label}")
-    slider = page.get_by_label(f"range slider for {label}")
-    for _ in range(3):
+def type_number(box, value: int, shown=None) -> None:
+    """Type a number into a box and wait until ``shown`` (default: the box) still holds it a moment later.
+
+    On a busy machine the first keystrokes can land while a just-opened accordion's components are
+    still being mounted; the new component then shows (and sends) the old value, so type again."""
+    shown = shown or box
+    for _ in range(4):
         box.fill(str(value))
         box.press("Tab")
         try:
-            expect(slider).to_have_value(str(value), timeout=3_000)
+            expect(shown).to_have_value(str(value), timeout=2_000)
+            box.page.wait_for_timeout(300)
+            expect(shown).to_have_value(str(value), timeout=500)
             return
         except AssertionError:
             continue
-    expect(slider).to_have_value(str(value))
+    expect(shown).to_have_value(str(value))
+
+
+def set_slider(page, label: str, value: int) -> None:
+    """A Slider's number box; the range slider itself must show the value (that is what Generate sends)."""
+    type_number(page.get_by_label(f"number input for {label}"), value, page.get_by_label(f"range slider for {label}"))
 
 
 def shoot(page, name: str) -> None:
@@ -89,9 +97,9 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     expect(field(page, "template-name")).to_have_value("Bold poster art")
     field(page, "template-name").fill("Poster test")
     page.get_by_text("Advanced settings").click()
-    page.locator("#steps input").fill("200")
-    page.locator("#preview-every input").fill("50")
-    page.locator("#preview-every input").blur()
+    type_number(page.locator("#steps input"), 200)
+    type_number(page.locator("#preview-every input"), 50)
+    expect(page.locator("#steps input")).to_have_value("200")
     page.locator("#train-button").click()
     status = page.locator("#job-status")
     expect(status).to_contain_text("Training", timeout=60_000)
