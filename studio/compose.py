@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from .checks import shown, strict_int
 from .errors import InputError
 
 FONTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "fonts"
@@ -35,6 +36,7 @@ FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fo
                 "/Library/Fonts", "/System/Library/Fonts", "C:/Windows/Fonts")
 MIN_PANELS, MAX_PANELS = 1, 6
 MAX_CAPTION_CHARS = 300
+MAX_GUTTER, MAX_BORDER = 200, 50  # px
 # Layouts offered in the UI, as "rows x columns"; any "RxC" with R*C >= panels is accepted.
 LAYOUTS = ("auto", "1x2", "2x1", "1x3", "3x1", "2x2", "1x4", "4x1", "2x3", "3x2", "1x5", "1x6", "6x1")
 MIN_MEME_SIDE = 512  # smaller images (the tiny demo model's 64 px) are enlarged first so text stays crisp
@@ -177,11 +179,20 @@ def fit_text(text: str, font_path: str, max_width: float, max_height: float, max
     return best
 
 
-def _check_caption(text: str | None, what: str) -> str:
+def check_caption(text: str | None, what: str) -> str:
+    """A caption cleaned for drawing; InputError if it is not a text or is too long. Front ends call it
+    before queueing any generation, so a bad caption never costs a GPU run."""
+    if not isinstance(text, str | None):
+        raise InputError(f"the {what} must be a text (got {shown(text)})")
     text = " ".join((text or "").replace("\r", "").split(" ")).strip()
     if len(text) > MAX_CAPTION_CHARS:
         raise InputError(f"the {what} is too long ({len(text)} characters; the limit is {MAX_CAPTION_CHARS})")
     return text
+
+
+def check_frame(gutter: object = 16, border: object = 4) -> tuple[int, int]:
+    """A comic page's gutter (0-200 px) and panel border (0-50 px) as ints; checked before panels are made."""
+    return (strict_int(gutter, "gutter (px)", 0, MAX_GUTTER), strict_int(border, "border (px)", 0, MAX_BORDER))
 
 
 # --------------------------------------------------------------------------- memes
@@ -193,7 +204,7 @@ def meme(image: Image.Image, top: str | None = "", bottom: str | None = "", *, u
     Each caption gets at most about a quarter of the image height and the full width minus a
     margin; the font shrinks until the wrapped text fits. Returns a new RGB image.
     """
-    top, bottom = _check_caption(top, "top caption"), _check_caption(bottom, "bottom caption")
+    top, bottom = check_caption(top, "top caption"), check_caption(bottom, "bottom caption")
     out = _at_least(image.convert("RGB"), MIN_MEME_SIDE)
     if not top and not bottom:
         return out
@@ -268,10 +279,8 @@ def compose_panels(images: Sequence[Image.Image], layout: str | None = "auto", *
     """
     n = len(images)
     rows, cols = parse_layout(layout, n)
-    gutter, border = int(gutter), int(border)
-    if not 0 <= gutter <= 200 or not 0 <= border <= 50:
-        raise InputError("gutter must be 0-200 px and border 0-50 px")
-    captions = [_check_caption(c, "panel caption") for c in (captions or [])]
+    gutter, border = check_frame(gutter, border)
+    captions = [check_caption(c, "panel caption") for c in (captions or [])]
     if captions and len(captions) != n:
         raise InputError(f"give one caption per panel ({n}), or none")
     first = _at_least(images[0], MIN_PANEL_SIDE)

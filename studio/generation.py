@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,10 +21,19 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import fusion
 from .backbones.base import Backbone
+from .checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
 from .errors import InputError
 from .images import validate_prompt
 from .mixing import MixedTemplate, resolve_mix, validate_mix
 from .noise_prior import NoisePrior, start_latents
+from .recipe import (
+    MAX_GUIDANCE,
+    MAX_PROMPT_CHARS,
+    MAX_RESOLUTION,
+    MAX_SAMPLING_STEPS,
+    MIN_RESOLUTION,
+    stored_resolution,
+)
 from .training import ADAPTER as TRAINING_ADAPTER
 from .training import style_caption
 
@@ -31,6 +41,12 @@ from .training import style_caption
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3),
            "16:9": (16, 9), "9:16": (9, 16), "2:1": (2, 1), "1:2": (1, 2)}
 MAX_IMAGES = 8
+MAX_LORA_SCALE = 4.0
+# Image sides must be multiples of this: FLUX and SD3.5 (and the tiny model) downscale 8x in the VAE and
+# pack 2x2 latent patches (Backbone.size_multiple); known at submit time, without loading a model.
+SIZE_MULTIPLE = 16
+MAX_PIXELS = MAX_RESOLUTION * MAX_RESOLUTION  # one image: 4 megapixels, e.g. 2048 x 2048
+MAX_REQUEST_PIXELS = 16 * 2**20  # one request, all images: e.g. 4 at 2048 x 2048 or 8 at 1440 x 1440
 
 
 @dataclass
@@ -55,33 +71,91 @@ class GenerateOptions:
     noise_prior: bool = False  # start from the template's style noise prior instead of N(0, I)
 
     def validate(self) -> GenerateOptions:
-        self.prompt = validate_prompt(self.prompt, "prompt", max_chars=1000)
-        if self.aspect not in ASPECTS:
-            raise InputError(f"unknown aspect {self.aspect!r}; choose one of {', '.join(ASPECTS)}")
-        if not 1 <= self.num_images <= MAX_IMAGES:
-            raise InputError(f"number of images must be between 1 and {MAX_IMAGES}")
-        if self.steps is not None and not 1 <= self.steps <= 200:
-            raise InputError("steps must be between 1 and 200")
-        if not -4.0 <= self.lora_scale <= 4.0:
-            raise InputError("LoRA strength must be between -4 and 4")
-        for side in (self.width, self.height):
-            if side is not None and not 32 <= side <= 2048:
-                raise InputError("width and height must be between 32 and 2048")
+        """Check every field's type and range before anything is queued or allocated; InputError says which.
+
+        JSON from API clients arrives unchecked: a wrong type gets the range message, not a TypeError
+        in the worker. Whole numbers given as integral floats (``4.0``) are normalised in place.
+        """
+        if not isinstance(self.prompt, str | None):
+            raise InputError(f"prompt must be a text (got {shown(self.prompt)})")
+        self.prompt = validate_prompt(self.prompt, "prompt", max_chars=MAX_PROMPT_CHARS)
+        self.lora_scale = finite_float(self.lora_scale, "LoRA strength (lora_scale)", -MAX_LORA_SCALE, MAX_LORA_SCALE)
+        self.seed = strict_int(self.seed, "seed", 0, MAX_SEED)
+        self.steps = strict_int(self.steps, "steps", 1, MAX_SAMPLING_STEPS, optional=True)
+        self.guidance = finite_float(self.guidance, "guidance", 0.0, MAX_GUIDANCE, optional=True)
+        self.aspect = text(self.aspect, "aspect", choices=ASPECTS)
+        self.resolution = strict_int(self.resolution, "resolution", MIN_RESOLUTION, MAX_RESOLUTION, optional=True)
+        self.width = _side(self.width, "width")
+        self.height = _side(self.height, "height")
+        self.num_images = strict_int(self.num_images, "number of images (num_images)", 1, MAX_IMAGES)
+        self.wrap_style = boolean(self.wrap_style, "wrap_style")
         self.mix = validate_mix(self.mix)
-        # JSON from API clients arrives unchecked: a wrong type gets the range message, not a TypeError.
         if self.style_schedule is not None and not (_is_number(self.style_schedule)
                                                     and 0.0 < self.style_schedule <= 1.0):
             raise InputError("style schedule must be more than 0 and at most 1: the fraction of the denoising "
                              "steps that use the style (e.g. 0.3 = the first 30 %; leave it out for all steps)")
         if not (_is_number(self.fusion_weight) and 0.0 <= self.fusion_weight <= 2.0):
             raise InputError("fusion weight must be between 0 and 2 (1 = the template alone, 0 = the base model)")
-        if not isinstance(self.noise_prior, bool):
-            raise InputError("noise_prior must be true or false")
+        self.noise_prior = boolean(self.noise_prior, "noise_prior")
+        if self.width is not None and self.height is not None:
+            check_pixels(self.width, self.height, self.num_images)
         return self
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """A real, finite number (not a bool, NaN or an infinity)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _side(value: object, name: str) -> int | None:
+    """An explicit width or height: a whole multiple of :data:`SIZE_MULTIPLE` within the resolution bounds."""
+    allowed = f"{name} must be a multiple of {SIZE_MULTIPLE} from {MIN_RESOLUTION} to {MAX_RESOLUTION}"
+    try:
+        side = strict_int(value, name, MIN_RESOLUTION, MAX_RESOLUTION, optional=True)
+    except InputError:
+        raise InputError(f"{allowed} (got {shown(value)})") from None
+    if side is not None and side % SIZE_MULTIPLE:
+        lower = max(MIN_RESOLUTION, side // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        raise InputError(f"{allowed} (got {side}; e.g. {lower} or {lower + SIZE_MULTIPLE})")
+    return side
+
+
+def check_pixels(width: int, height: int, num_images: int = 1) -> None:
+    """Refuse a request whose size would not fit, before any memory is allocated.
+
+    One image may have at most :data:`MAX_PIXELS` (its VAE decode holds about six full-size tensors
+    of the decoder's width); one request at most :data:`MAX_REQUEST_PIXELS` in all.
+    """
+    if width * height > MAX_PIXELS:
+        raise InputError(f"{width} x {height} is too large: one image may have at most {MAX_PIXELS / 2**20:g} "
+                         f"megapixels (e.g. {MAX_RESOLUTION} x {MAX_RESOLUTION})")
+    total = width * height * num_images
+    if total > MAX_REQUEST_PIXELS:
+        fits = max(1, MAX_REQUEST_PIXELS // (width * height))
+        raise InputError(f"{num_images} images of {width} x {height} are too much for one request (at most "
+                         f"{MAX_REQUEST_PIXELS / 2**20:g} megapixels in all): make at most {fits} at this size, "
+                         "or smaller images")
+
+
+def output_size(options: GenerateOptions, default_resolution: int, meta: dict | None = None,
+                multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
+    """The width and height a (validated) request generates at, checked before any model work.
+
+    Explicit ``width`` / ``height`` win; the rest comes from the aspect at the request's resolution,
+    else the template's training resolution (``meta``, a template.json dict; a bad stored value is
+    refused, see :func:`studio.recipe.stored_resolution`), else ``default_resolution`` (the backbone's).
+    """
+    width, height = options.width, options.height
+    if width is None or height is None:
+        name = repr(meta.get("name")) if meta and isinstance(meta.get("name"), str) else "the template"
+        resolution = (options.resolution or (stored_resolution(meta, f"template {name}") if meta else None)
+                      or default_resolution)
+        auto_w, auto_h = size_for_aspect(options.aspect, resolution, multiple)
+        width, height = width or auto_w, height or auto_h
+    if width % multiple or height % multiple:
+        raise InputError(f"width and height must be multiples of {multiple} (got {width} x {height})")
+    check_pixels(width, height, options.num_images)
+    return width, height
 
 
 def size_for_aspect(aspect: str, resolution: int, multiple: int = 16) -> tuple[int, int]:
@@ -145,18 +219,15 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
         mix = resolve_mix(None, options.mix)
     prior = check_request(options, template, mix, backbone.family)
     style = None
-    resolution = options.resolution or backbone.default_resolution
+    # The size is checked before any adapter is loaded or latent allocated.
+    width, height = output_size(options, backbone.default_resolution, template[1] if template else None,
+                                backbone.size_multiple)
     if template is not None:
         folder, meta = template
         style = meta.get("style_prompt")
-        resolution = options.resolution or meta.get("recipe", {}).get("resolution") or resolution
         activate_templates(backbone, [(folder, options.lora_scale)] + [(f, scale) for f, _, scale in mix])
     else:
         activate_templates(backbone, [])
-    width, height = size_for_aspect(options.aspect, resolution, backbone.size_multiple)
-    width, height = options.width or width, options.height or height
-    if width % backbone.size_multiple or height % backbone.size_multiple:
-        raise InputError(f"width and height must be multiples of {backbone.size_multiple}")
     prompt = final_prompt(options.prompt, style, options.wrap_style)
     steps = options.steps or backbone.default_steps
     guidance = backbone.default_guidance if options.guidance is None else options.guidance

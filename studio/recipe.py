@@ -10,8 +10,25 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from .checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
 from .errors import InputError
 from .snr import SAMPLERS, NoiseSampler, sampler_for
+
+# Upper bounds of the recipe's numbers: far beyond any useful run, low enough that a typo
+# (an extra zero or two) is refused at submit time instead of running for days or running out of memory.
+MAX_STEPS = 100_000  # optimiser steps; also the largest preview / checkpoint interval
+MAX_GRAD_ACCUM = 256
+MAX_RANK = 512
+MAX_ALPHA = 4096.0
+MAX_MU = 20.0  # log-SNR mean: at -20 every t is ~1 (pure noise), at 20 ~0
+MAX_SIGMA = 20.0
+MAX_SHIFT = 100.0
+MAX_GUIDANCE = 30.0  # FLUX's guidance embedding / classifier-free guidance; the UI goes to 15
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048  # pixel budget side, training and generation
+MAX_SAMPLING_STEPS = 200  # denoising steps of a preview or a generation
+MAX_PROMPT_CHARS = 1000
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TIERS = ("auto", "bf16", "int8", "nf4")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe.
@@ -51,29 +68,39 @@ class Recipe:
     default_content: str = "an image"  # content part of "{content} in {style} style" without captions
 
     def validate(self) -> Recipe:
-        """Check ranges; raise InputError with a readable message."""
-        checks = [
-            (self.steps >= 1, "steps must be at least 1"),
-            (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
-            (0 < self.lr < 1, "learning rate must be between 0 and 1"),
-            (1 <= self.rank <= 512, "LoRA rank must be between 1 and 512"),
-            (self.alpha is None or self.alpha > 0, "LoRA alpha must be positive"),
-            (self.sampler in SAMPLERS, f"sampler must be one of {', '.join(SAMPLERS)}"),
-            (self.sigma is None or self.sigma > 0, "sigma must be positive"),
-            (self.shift is None or self.shift > 0, "shift must be positive"),
-            (0 <= self.offset_noise <= 1, "offset noise must be between 0 and 1"),
-            (isinstance(self.noise_prior, bool), "noise prior must be true or false"),
-            (self.resolution is None or 32 <= self.resolution <= 2048,
-             "resolution must be between 32 and 2048"),
-            (self.precision in ("auto", "bf16", "fp16", "fp32"),
-             "precision must be auto, bf16, fp16 or fp32"),
-            (self.tier in ("auto", "bf16", "int8", "nf4"), "memory tier must be auto, bf16, int8 or nf4"),
-            (self.preview_every >= 0 and self.checkpoint_every >= 0,
-             "preview and checkpoint intervals must be >= 0 (0 turns them off)"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
+        """Check every field's type and range (the ``MAX_*`` bounds above); InputError with a readable message.
+
+        Whole-number fields given as integral floats (``300.0``) are normalised to ints in place.
+        """
+        self.steps = strict_int(self.steps, "steps", 1, MAX_STEPS)
+        self.grad_accum = strict_int(self.grad_accum, "gradient accumulation (grad_accum)", 1, MAX_GRAD_ACCUM)
+        self.lr = finite_float(self.lr, "learning rate (lr)", 0.0, 1.0, lo_open=True, hi_open=True)
+        self.rank = strict_int(self.rank, "LoRA rank", 1, MAX_RANK)
+        self.alpha = finite_float(self.alpha, "LoRA alpha", 0.0, MAX_ALPHA, optional=True, lo_open=True)
+        self.sampler = text(self.sampler, "sampler", choices=SAMPLERS)
+        self.mu = finite_float(self.mu, "mu (log-SNR mean)", -MAX_MU, MAX_MU, optional=True)
+        self.sigma = finite_float(self.sigma, "sigma (log-SNR spread)", 0.0, MAX_SIGMA, optional=True, lo_open=True)
+        self.shift = finite_float(self.shift, "shift", 0.0, MAX_SHIFT, optional=True, lo_open=True)
+        self.offset_noise = finite_float(self.offset_noise, "offset noise", 0.0, 1.0)
+        self.noise_prior = boolean(self.noise_prior, "noise prior")
+        self.resolution = strict_int(self.resolution, "resolution", MIN_RESOLUTION, MAX_RESOLUTION, optional=True)
+        self.seed = strict_int(self.seed, "seed", 0, MAX_SEED)
+        self.train_guidance = finite_float(self.train_guidance, "training guidance", 0.0, MAX_GUIDANCE)
+        self.precision = text(self.precision, "precision", choices=PRECISIONS)
+        self.tier = text(self.tier, "memory tier", choices=TIERS)
+        self.gradient_checkpointing = boolean(self.gradient_checkpointing, "gradient checkpointing", optional=True)
+        self.preview_every = strict_int(self.preview_every, "preview interval (preview_every; 0 turns it off)",
+                                        0, MAX_STEPS)
+        self.preview_steps = strict_int(self.preview_steps, "preview denoising steps", 1, MAX_SAMPLING_STEPS,
+                                        optional=True)
+        self.preview_prompt = text(self.preview_prompt, "preview prompt", optional=True, max_chars=MAX_PROMPT_CHARS)
+        if self.preview_prompt is not None:
+            self.preview_prompt = self.preview_prompt.strip() or None
+        self.checkpoint_every = strict_int(self.checkpoint_every,
+                                           "checkpoint interval (checkpoint_every; 0 turns it off)", 0, MAX_STEPS)
+        self.default_content = text(self.default_content, "default content", max_chars=MAX_PROMPT_CHARS)
+        if not self.default_content.strip():
+            raise InputError("default content must not be empty (e.g. 'an image')")
         return self
 
     def noise_sampler(self, family: str) -> NoiseSampler:
@@ -96,7 +123,41 @@ class Recipe:
     @classmethod
     def from_preset(cls, preset: str = "paper", **overrides: Any) -> Recipe:
         """A preset (see :data:`PRESETS`) with explicit overrides on top."""
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         base = replace(cls(), **PRESETS[preset])
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def check_recipe_dict(data: Any, where: str = "recipe") -> dict[str, Any]:
+    """Check a stored recipe (template.json's ``recipe``, an imported template's) as strictly as a new one.
+
+    Unknown keys are kept and ignored (older / newer files), missing ones take the defaults for the
+    check; every known value must pass :meth:`Recipe.validate`. Returns a copy of ``data`` with the
+    known values normalised (e.g. ``512.0`` -> ``512``); InputError naming ``where`` otherwise.
+    """
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be a JSON object, not {type(data).__name__} {shown(data)}")
+    known = {f.name for f in fields(Recipe)}
+    try:
+        checked = Recipe.from_dict(data).validate().to_dict()
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return {**data, **{k: checked[k] for k in data if k in known}}
+
+
+def stored_resolution(meta: dict[str, Any], name: str = "the template") -> int | None:
+    """The training resolution recorded in a template.json dict (None if there is none).
+
+    Generation uses it as the default size, so a bad stored value (an edited or imported file with
+    ``"resolution": 100000`` or ``"abc"``) is refused here, before any memory is allocated.
+    """
+    recipe = meta.get("recipe") if isinstance(meta, dict) else None
+    value = recipe.get("resolution") if isinstance(recipe, dict) else None
+    if value is None:
+        return None
+    try:
+        return strict_int(value, "resolution", MIN_RESOLUTION, MAX_RESOLUTION)
+    except InputError:
+        raise InputError(f"{name} has an unusable stored training resolution {shown(value)} (allowed: "
+                         f"{MIN_RESOLUTION} to {MAX_RESOLUTION}); give a resolution, or a width and height") from None
