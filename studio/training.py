@@ -30,9 +30,10 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import snr
+from . import diskspace, snr
+from .backbones import clean
 from .backbones.base import Backbone, LatentDist, host_to_device
-from .errors import CancelledError
+from .errors import CancelledError, StudioError
 from .images import fit_to_budget, make_thumbnail
 from .noise_prior import NoisePrior, compute_prior, start_latents
 from .recipe import Recipe
@@ -69,6 +70,10 @@ class StepReport:
     sec_per_step: float
     eta_s: float
     peak_mem: int  # bytes: GPU peak on CUDA, process peak RSS on the CPU
+
+
+class NonFiniteLossError(StudioError):
+    """The loss became NaN or infinite: the run stops (failed) before the LoRA or a checkpoint is spoiled."""
 
 
 class Observer:
@@ -136,6 +141,19 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     request = json.loads((run_dir / "request.json").read_text())
     recipe = Recipe.from_dict(request["recipe"])
     sampler = recipe.noise_sampler(backbone.family)
+    try:
+        return _train(backbone, run_dir, observer, request, recipe, sampler)
+    finally:
+        # Whatever happened (done, cancelled, an error inside peft or a step), the warm model goes
+        # back to how it was loaded: no LoRA or peft state, no checkpointing, encoders back in place.
+        clean.restore(backbone)
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict, recipe: Recipe,
+           sampler: snr.NoiseSampler) -> Path:
+    """The body of :func:`train`; the caller restores the model whatever happens here."""
     transformer = backbone.transformer
 
     # 1. Encode everything once: prompts (training + previews) and reference latents.
@@ -156,6 +174,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
 
     # 2. Attach the LoRA (paper: rank 32, alpha = rank, gaussian init, transformer only).
     params = attach_lora(backbone, recipe)
+    check_training_space(run_dir, request, recipe, sum(p.numel() for p in params))
     optimizer = torch.optim.Adam(params, lr=recipe.lr)
     on_gpu = backbone.device.type == "cuda"
     checkpointing = on_gpu if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
@@ -171,56 +190,53 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
                             recipe.preview_steps, prior)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
-    try:
-        transformer.eval()
-        if start == 0 and recipe.preview_every:
-            observer.on_preview(0, preview.write(0))  # the base model, before any training
-        transformer.train()
-        loop_start, steps_this_session = time.perf_counter(), 0
-        for step in range(start + 1, recipe.steps + 1):
-            if observer.should_stop():
-                raise CancelledError(f"cancelled at step {step - 1} of {recipe.steps}")
-            t0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum, ts = torch.zeros((), device=backbone.device), []
-            for micro in range(recipe.grad_accum):
-                i = (step * recipe.grad_accum + micro) % len(latents)
-                with autocast:
-                    loss, t = flow_matching_loss(backbone, latents[i], train_conds[i], sampler, generator,
-                                                 recipe.offset_noise, recipe.train_guidance, prior)
-                (loss / recipe.grad_accum).backward()
-                loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
-                ts.append(float(t[0]))
-            optimizer.step()
+    transformer.eval()
+    if start == 0 and recipe.preview_every:
+        observer.on_preview(0, preview.write(0))  # the base model, before any training
+    transformer.train()
+    loop_start, steps_this_session = time.perf_counter(), 0
+    for step in range(start + 1, recipe.steps + 1):
+        if observer.should_stop():
+            raise CancelledError(f"cancelled at step {step - 1} of {recipe.steps}")
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, ts = torch.zeros((), device=backbone.device), []
+        for micro in range(recipe.grad_accum):
+            i = (step * recipe.grad_accum + micro) % len(latents)
+            with autocast:
+                loss, t = flow_matching_loss(backbone, latents[i], train_conds[i], sampler, generator,
+                                             recipe.offset_noise, recipe.train_guidance, prior)
+            (loss / recipe.grad_accum).backward()
+            loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
+            ts.append(float(t[0]))
+        step_loss = loss_sum.item() / recipe.grad_accum
+        if not math.isfinite(step_loss):  # before the optimiser step: the LoRA and checkpoint stay finite
+            raise NonFiniteLossError(
+                f"training stopped at step {step} of {recipe.steps}: the loss became "
+                f"{'NaN' if math.isnan(step_loss) else 'infinite'}; try a lower learning rate "
+                f"(this run: {recipe.lr:g}) or the default sampler settings")
+        optimizer.step()
 
-            steps_this_session += 1
-            elapsed = time.perf_counter() - loop_start
-            report = StepReport(
-                step=step, total=recipe.steps, loss=loss_sum.item() / recipe.grad_accum, t=ts, lr=recipe.lr,
-                sec_per_step=time.perf_counter() - t0,
-                eta_s=elapsed / steps_this_session * (recipe.steps - step),
-                peak_mem=peak_memory(on_gpu),
-            )
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(asdict(report)) + "\n")
-            observer.on_step(report)
-            if recipe.preview_every and (step % recipe.preview_every == 0 or step == recipe.steps):
-                transformer.eval()
-                observer.on_preview(step, preview.write(step))
-                transformer.train()
-            if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.steps:
-                save_checkpoint(run_dir, transformer, optimizer, step)
-                observer.on_checkpoint(step)
-        return write_result(backbone, run_dir, request, recipe, sampler, prior)
-    finally:
-        if checkpointing:
-            transformer.disable_gradient_checkpointing()
-        transformer.eval()
-        detach_lora(backbone)
-        backbone.restore_encoders()
-        if on_gpu:
-            torch.cuda.empty_cache()
+        steps_this_session += 1
+        elapsed = time.perf_counter() - loop_start
+        report = StepReport(
+            step=step, total=recipe.steps, loss=step_loss, t=ts, lr=recipe.lr,
+            sec_per_step=time.perf_counter() - t0,
+            eta_s=elapsed / steps_this_session * (recipe.steps - step),
+            peak_mem=peak_memory(on_gpu),
+        )
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(asdict(report)) + "\n")
+        observer.on_step(report)
+        if recipe.preview_every and (step % recipe.preview_every == 0 or step == recipe.steps):
+            transformer.eval()
+            observer.on_preview(step, preview.write(step))
+            transformer.train()
+        if recipe.checkpoint_every and step % recipe.checkpoint_every == 0 and step < recipe.steps:
+            save_checkpoint(run_dir, transformer, optimizer, step)
+            observer.on_checkpoint(step)
+    return write_result(backbone, run_dir, request, recipe, sampler, prior)
 
 
 def attach_lora(backbone: Backbone, recipe: Recipe) -> list[torch.nn.Parameter]:
@@ -279,10 +295,20 @@ def training_paused(backbone: Backbone):
 
 
 def detach_lora(backbone: Backbone) -> None:
-    """Remove every LoRA adapter from the warm transformer."""
-    transformer = backbone.transformer
-    if getattr(transformer, "peft_config", None):
-        transformer.delete_adapters(list(transformer.peft_config))
+    """Remove every LoRA adapter (layers and peft state, also half-made ones) from the warm model."""
+    clean.remove_adapters(backbone)
+
+
+def check_training_space(run_dir: Path, request: dict, recipe: Recipe, lora_params: int) -> None:
+    """Refuse (:class:`studio.diskspace.DiskFullError`) a run whose checkpoints and result would not fit."""
+    previews = 0
+    if recipe.preview_every:
+        previews = len(preview_prompts(recipe)) * (recipe.steps // recipe.preview_every + 2)
+    needed = diskspace.training_bytes(
+        lora_params, checkpoints=bool(recipe.checkpoint_every and recipe.checkpoint_every < recipe.steps),
+        previews=previews, resolution=int(request["recipe"]["resolution"]),
+        references_bytes=diskspace.folder_bytes(run_dir / "references"))
+    diskspace.require_free(run_dir, needed, "train (checkpoints and the result)")
 
 
 def peak_memory(on_gpu: bool) -> int:
@@ -385,6 +411,10 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
     result.mkdir()
     transformer = backbone.transformer
     lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
+    spoiled = [k for k, v in lora.items() if not bool(torch.isfinite(v).all())]
+    if spoiled:  # never hand a NaN template to the store (it refuses one too)
+        raise NonFiniteLossError(f"the trained LoRA has NaN/inf values in {len(spoiled)} of {len(lora)} tensors; "
+                                 f"nothing was saved; try a lower learning rate (this run: {recipe.lr:g})")
     backbone.pipeline_class.save_lora_weights(
         result, transformer_lora_layers={k: v.detach().float().contiguous() for k, v in lora.items()},
         weight_name="lora.safetensors",
@@ -431,6 +461,31 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
     shutil.rmtree(final, ignore_errors=True)
     os.rename(result, final)
     return final
+
+
+def publish_run(store, result: Path, name: str, job_id: str | None = None):
+    """Copy a finished run's ``result`` folder into ``store`` (a TemplateStore) as template ``name``.
+
+    Once per job: a template already carrying this ``job_id`` (published, then the process died
+    before recording it) is returned instead of a second copy. The store's file system must have
+    room for the copy first (:class:`studio.diskspace.DiskFullError` with the numbers); any
+    failure leaves ``result`` where it is and nothing half-copied in the store.
+    """
+    if job_id:
+        for info in store.list():
+            if info.meta.get("job_id") == job_id:
+                return info
+    diskspace.require_free(store.root, diskspace.folder_bytes(result), "save the template")
+    staging = store.new_staging()
+    try:
+        shutil.copytree(result, staging, dirs_exist_ok=True)
+        if job_id:
+            meta = json.loads((staging / "template.json").read_text())
+            write_json(staging / "template.json", {**meta, "job_id": job_id})
+        return store.create(staging, name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def last_loss(path: Path) -> float | None:

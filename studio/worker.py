@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import atexit
 import gc
-import json
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,16 +29,19 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import jobs as J
+from .backbones import clean
+from .diskspace import DiskFullError
 from .errors import CancelledError, NotFoundError, StudioError
 from .jobs import Jobs, now_iso
 from .queue_backend import Settings
-from .training import Observer, StepReport, train, training_paused, write_json
+from .training import ADAPTER, Observer, StepReport, publish_run, train, training_paused, write_json
 
 log = logging.getLogger("studio.worker")
 
 HEARTBEAT_S = float(os.environ.get("STUDIO_HEARTBEAT_S", "2"))
 RECONCILE_S = 30.0  # each worker also heals records left by dead workers on other hosts
 INLINE_CHECK_S = 0.5  # how often a training looks for generations to serve between its steps
+STAGING_MAX_AGE_S = 3600.0  # at start: staging folders untouched this long were left by a killed import/publish
 _WORKER: Worker | None = None  # the worker of this process; the Huey task hands messages to it
 
 
@@ -63,6 +64,8 @@ class WarmBackbones:
     """The process-level model cache: a backbone is loaded once and reused by every later job.
 
     At most ``max_loaded`` stay loaded (one base model fills a GPU); loading another evicts the oldest.
+    Each model's clean state (:func:`studio.backbones.clean.capture`) is recorded when it is loaded,
+    so after a failed job the worker can check it is restored, or :meth:`drop` it.
     """
 
     def __init__(self, max_loaded: int = 1):
@@ -99,12 +102,23 @@ class WarmBackbones:
         start = time.perf_counter()
         backbone = load_backbone(backbone_id, precision=precision, tier=plan.tier.name,
                                  offload_text_encoders=plan.offload_text_encoders)
+        backbone.clean_state = clean.capture(backbone)
         self.loads += 1
         self.loaded[key] = backbone
         return backbone, time.perf_counter() - start
 
     def ids(self) -> list[str]:
         return [key[0] for key in self.loaded]  # keys: (backbone id, precision, tier, offload)
+
+    def models(self) -> list:
+        """The loaded backbones."""
+        return list(self.loaded.values())
+
+    def drop(self, backbone) -> None:
+        """Forget a loaded backbone (the next job that needs it loads it again) and free its memory."""
+        for key in [k for k, v in self.loaded.items() if v is backbone]:
+            del self.loaded[key]
+        release_memory()
 
 
 def release_memory() -> None:
@@ -223,6 +237,7 @@ class Worker:
         _WORKER = self
         gpu_lock = _lock_gpu()  # noqa: F841 (held until the process exits)
         self.jobs.reconcile()  # jobs left running by a worker that died on this host resume now
+        self.clean_store()
         consumer = self.jobs.queue.consumer()
         self.stop_flag = consumer.stop_flag
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
@@ -270,6 +285,7 @@ class Worker:
         self.active[job_id] = token
         self.state = "busy"
         observer_step: list[int] = []
+        ok = False
         try:
             self._write_status()
             if (self.jobs.job_dir(job_id) / J.CANCEL_FILE).exists():
@@ -280,6 +296,7 @@ class Worker:
                 self._run_generate(record, token, started, backbone)
             else:
                 raise StudioError(f"this worker cannot run {record['kind']!r} jobs")
+            ok = True
         except StopJob as stop:
             self._stopped(job_id, token, stop)
         except Exception as exc:
@@ -293,6 +310,8 @@ class Worker:
             log.warning("job %s failed: %s", job_id, message)
             self._finish(job_id, token, J.FAILED, error=message, message=message)
         finally:
+            if not ok or record["kind"] == "train":
+                self.restore_models(inline=backbone)
             self.active.pop(job_id, None)
             self.lost.discard(job_id)
             release_memory()
@@ -332,6 +351,42 @@ class Worker:
                 raise
         info = self._publish(job_id, result, record["name"])
         self._finish(job_id, token, J.DONE, template_id=info.id, message=f"saved as template {info.name!r}")
+
+    def restore_models(self, inline=None) -> None:
+        """After a failed or stopped job (and after every training): put the warm model back as loaded.
+
+        Every LoRA adapter and all peft state go, and the model is checked against the clean state
+        recorded when it was loaded; a model that cannot be vouched for is dropped, so the next job
+        loads it again instead of failing on what this one left. ``inline`` is the backbone of a
+        training that a generation ran inside: only the generation's adapters go, the training's stay.
+        """
+        if inline is not None:
+            try:
+                clean.remove_adapters(inline, keep=(ADAPTER,))
+            except Exception:  # the training notices at its next step, fails, and restores the model
+                log.exception("could not remove the adapters of a failed generation")
+            return
+        for backbone in self.backbones.models():
+            clean.restore(backbone)
+            try:
+                state = getattr(backbone, "clean_state", None)
+                found = clean.problems(backbone, state) if state else ["its clean state was never recorded"]
+            except Exception as exc:
+                found = [f"the check failed: {type(exc).__name__}: {exc}"]
+            if found:
+                log.warning("dropping the warm %s backbone; the next job loads it again (%s)",
+                            backbone.backbone_id, "; ".join(found[:3]))
+                self.backbones.drop(backbone)
+
+    def clean_store(self) -> None:
+        """At start: remove what killed processes left in the store (staging folders, temp files)."""
+        try:
+            removed = self.store.clean_staging(max_age_s=STAGING_MAX_AGE_S)
+        except OSError as exc:
+            log.warning("could not clean the template store's staging folder: %s", exc)
+            return
+        if removed:
+            log.info("removed %d leftover(s) of interrupted imports / exports from the template store", removed)
 
     def _pick_for_refine(self, record: dict, token: str, backbone) -> None:
         """Automatic feedback (studio.refine): generate candidates with the parent template, score them
@@ -408,25 +463,24 @@ class Worker:
     # -- publishing and record changes ---------------------------------------------------------
 
     def _publish(self, job_id: str, result: Path, name: str):
-        """Copy the run's result into the store, once: a retry finds the template it made before."""
+        """Copy the run's result into the store, once: a retry finds the template it made before.
+
+        If the store cannot take it (full disk, read-only folder) the job fails with a message
+        saying where the result is kept and how to publish it later (``Jobs.publish_result``).
+        """
         record = self.jobs.read(job_id, fresh=True)
         if record.get("template_id"):
             try:
                 return self.store.get(record["template_id"])
             except NotFoundError:
                 pass
-        for info in self.store.list():
-            if info.meta.get("job_id") == job_id:  # published, then the worker died before recording it
-                return info
-        staging = self.store.new_staging()
         try:
-            shutil.copytree(result, staging, dirs_exist_ok=True)
-            meta = json.loads((staging / "template.json").read_text())
-            write_json(staging / "template.json", {**meta, "job_id": job_id})
-            return self.store.create(staging, name)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            return publish_run(self.store, result, name, job_id)
+        except (OSError, DiskFullError) as exc:
+            reason = str(exc) if isinstance(exc, DiskFullError) else (exc.strerror or str(exc))
+            raise StudioError(f"the training finished but its template could not be saved ({reason}); the result "
+                              f"is kept in {result}: make room, then run `python -m studio jobs publish {job_id}`"
+                              ) from exc
 
     def _start(self, record: dict, token: str, inline_of: str | None) -> dict | None:
         if record["state"] != J.QUEUED or record.get("token") != token:
