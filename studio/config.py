@@ -59,6 +59,17 @@ def default_backbone() -> str:
     return value or _detected_backbone()
 
 
+def configured_backbones() -> list[str]:
+    """Backbones the operator allows besides the registry's ids: ``STUDIO_BACKBONE`` (also set by
+    ``app.py --backbone``) and ``STUDIO_BACKBONES`` (comma-separated diffusers folders or hub ids).
+
+    Requests and imported templates may name only these and the registry's ids
+    (:func:`studio.backbones.resolve_allowed`).
+    """
+    values = [os.environ.get("STUDIO_BACKBONE") or "", *(os.environ.get("STUDIO_BACKBONES") or "").split(",")]
+    return list(dict.fromkeys(v.strip() for v in values if v.strip()))
+
+
 @functools.lru_cache(maxsize=1)
 def _detected_backbone() -> str:
     import torch

@@ -14,6 +14,13 @@ JSON write goes through a temp file in the same folder, ``fsync`` and ``os.repla
 Imports (``.zip`` exports and ``.safetensors`` LoRAs) are checked member by member
 before anything is extracted, never unpickle anything, and are built in a staging
 folder that is removed on any failure, so a rejected file leaves the store unchanged.
+Their template.json keeps only the fields of :mod:`studio.template_schema` (known fields, known
+types and bounds), and their backbone must be one this studio allows
+(:func:`studio.backbones.is_allowed`), else it is mapped by the LoRA's shapes or refused.
+
+Every template.json read goes through the same schema, and parsed files are cached by
+(mtime, size, inode), so listing 500 templates does not parse 500 files each time; the listing
+comes in pages (:meth:`TemplateStore.page`).
 
 torch / safetensors are imported only by the functions that touch tensors: listing and
 renaming stay light for the UI.
@@ -26,6 +33,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import stat
 import time
@@ -38,9 +46,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from studio.backbones import KNOWN_BACKBONES
+from studio.backbones import KNOWN_BACKBONES, allowed_backbones, is_allowed
 from studio.errors import InputError, NotFoundError, StudioError
 from studio.images import MAX_NAME_CHARS, slugify, validate_name
+from studio.template_schema import dropped, sanitize
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,13 @@ BACKBONES_BY_WIDTH = {("flux", 64): "tiny", ("flux", 3072): "flux-dev", ("sd3", 
 STYLE_PROMPT_KEYS = ("style_prompt", "studio_style_prompt", "modelspec.trigger_phrase", "trigger_phrase",
                      "trigger_words", "trigger_word", "instance_prompt")
 MAX_IMPORTED_PROMPT_CHARS = 2000
+DEFAULT_PAGE_SIZE = 48  # templates per listing page (the gallery shows one page of tiles)
+MAX_PAGE_SIZE = 200
 _ZIP_JUNK = ("__MACOSX/",)
+# Temp files of write_json_atomic / _atomic_output / the index writers: ".<name>.<12 hex>.tmp[.npz]";
+# one unchanged this long belongs to a process that was killed while writing.
+TMP_MAX_AGE_S = 3600.0
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp(\.[a-z]+)?$")
 _CHUNK = 1024 * 1024
 
 
@@ -91,6 +106,52 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _check_finite_lora(path: Path) -> None:
+    """InputError if any tensor of the LoRA file holds NaN or inf (a diverged training): never stored.
+
+    Reads one tensor at a time, so even a large LoRA needs little memory.
+    """
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+                    bad.append(key)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"{path.name} cannot be read: {e}") from None
+    if bad:
+        raise InputError(f"{path.name} has NaN/inf values in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+                         "the training diverged; it is not saved as a template")
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is a temp file of the atomic writers (``.<name>.<random>.tmp[.ext]``)."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def remove_stale_temp_files(folder: Path, max_age_s: float = TMP_MAX_AGE_S) -> int:
+    """Delete the atomic writers' temp files in ``folder`` (not below it) unchanged for ``max_age_s``."""
+    removed = 0
+    cutoff = time.time() - max_age_s
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if is_temp_file(entry.name) and entry.is_file(follow_symlinks=False) \
+                    and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                os.unlink(entry.path)
+                removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 def _fsync_dir(path: Path) -> None:
@@ -141,6 +202,24 @@ def _created_ts(meta: dict) -> float:
             dt = dt.replace(tzinfo=timezone.utc)
         return dt.timestamp()
     return 0.0
+
+
+def page_bounds(offset: Any = 0, limit: Any = None) -> tuple[int, int]:
+    """A listing page's ``(offset, limit)`` from what a request gave: whole numbers (``3.0`` too),
+    offset >= 0 (default 0), limit 1.. :data:`MAX_PAGE_SIZE` (None / 0: :data:`DEFAULT_PAGE_SIZE`;
+    larger: the maximum). InputError for anything else."""
+    def whole(value: Any, what: str) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InputError(f"{what} must be a whole number >= 0 (got {str(value)[:40]!r})")
+        return value
+
+    offset = whole(0 if offset is None else offset, "the page offset")
+    limit = whole(0 if limit is None else limit, "the page size (limit)")
+    return offset, min(limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
 
 def _now_iso() -> str:
@@ -241,6 +320,16 @@ class TemplateInfo:
                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
 
 
+@dataclass
+class TemplatePage:
+    """One page of the listing: ``items`` from ``offset`` (at most ``limit``) of ``total`` matches."""
+
+    items: list[TemplateInfo]
+    total: int
+    offset: int
+    limit: int
+
+
 class _Broken(Exception):
     """A folder in the store that is not a usable template (the message says why)."""
 
@@ -253,6 +342,8 @@ class TemplateStore:
     def __init__(self, root: Path):
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        # folder name -> ((mtime_ns, size, inode) of its template.json, sanitised meta, created timestamp)
+        self._parsed: dict[str, tuple[tuple[int, int, int], dict, float]] = {}
 
     @property
     def staging_root(self) -> Path:
@@ -296,6 +387,7 @@ class TemplateStore:
             raise InputError(f"the template has no {LORA_FILE}")
         hint = meta.get("family") if meta.get("family") in lora_formats.FAMILIES else None
         family = lora_formats.validate_lora(lora, family_hint=hint)
+        _check_finite_lora(lora)
         if meta.get("family") not in (None, "", family):
             raise InputError(f"template.json says the family is {meta['family']!r} but the LoRA is a "
                              f"{family.upper()} LoRA")
@@ -318,19 +410,38 @@ class TemplateStore:
                     continue
                 raise
             _fsync_dir(self.root)
-            return TemplateInfo(template_id, target, meta)
+            return TemplateInfo(template_id, target, sanitize(meta))
         raise StudioError(f"no free template id for {name!r}")
 
     # -- reading -------------------------------------------------------------------------
 
     def _load(self, template_id: str, path: Path) -> TemplateInfo:
-        try:
-            meta = _read_template_json(path / TEMPLATE_JSON)
-        except InputError as e:
-            raise _Broken(str(e)) from None
+        meta, _ = self._parsed_meta(template_id, path)
         if not os.path.isfile(path / LORA_FILE):
             raise _Broken(f"no {LORA_FILE}")
         return TemplateInfo(template_id, path, meta)
+
+    def _parsed_meta(self, template_id: str, path: Path) -> tuple[dict, float]:
+        """The folder's template.json through the schema, and its creation time; parsed again only
+        when the file changed (atomic writes give it a new inode)."""
+        file = path / TEMPLATE_JSON
+        try:
+            st = os.stat(file)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            key = None
+        cached = self._parsed.get(template_id)
+        if key is not None and cached is not None and cached[0] == key:
+            return dict(cached[1]), cached[2]  # a shallow copy: callers may set top-level fields
+        try:
+            meta = sanitize(_read_template_json(file))
+        except InputError as e:
+            self._parsed.pop(template_id, None)
+            raise _Broken(str(e)) from None
+        created = _created_ts(meta)
+        if key is not None:
+            self._parsed[template_id] = (key, meta, created)
+        return dict(meta), created
 
     def list(self, query: str | None = None) -> list[TemplateInfo]:
         """Every usable template, newest first; ``query`` filters by name and style prompt.
@@ -341,11 +452,12 @@ class TemplateStore:
         are ignored. Reads only template.json per folder (no images, no tensors).
         """
         terms = query.casefold().split() if query else []
-        found = []
+        found: list[tuple[float, TemplateInfo]] = []
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
             return []
+        seen = set()
         for entry in entries:
             try:
                 is_dir = entry.is_dir(follow_symlinks=False)
@@ -358,18 +470,32 @@ class TemplateStore:
                 if entry.name not in (STAGING_DIR, TRASH_DIR, INDEX_DIR):
                     log.warning("template store: skipping hidden folder %s", entry.path)
                 continue
+            seen.add(entry.name)
             try:
-                info = self._load(entry.name, Path(entry.path))
+                meta, created = self._parsed_meta(entry.name, Path(entry.path))
+                if not os.path.isfile(os.path.join(entry.path, LORA_FILE)):
+                    raise _Broken(f"no {LORA_FILE}")
             except _Broken as e:
                 log.warning("template store: skipping %s: %s", entry.path, e)
                 continue
+            info = TemplateInfo(entry.name, Path(entry.path), meta)
             if terms:
                 haystack = f"{info.name}\n{info.style_prompt}".casefold()
                 if not all(t in haystack for t in terms):
                     continue
-            found.append(info)
-        found.sort(key=lambda i: (_created_ts(i.meta), i.id), reverse=True)
-        return found
+            found.append((created, info))
+        for gone in set(self._parsed) - seen:  # deleted folders: forget their parsed files
+            self._parsed.pop(gone, None)
+        found.sort(key=lambda pair: (pair[0], pair[1].id), reverse=True)
+        return [info for _, info in found]
+
+    def page(self, query: str | None = None, offset: Any = 0, limit: Any = None) -> TemplatePage:
+        """One page of :meth:`list` (newest first): at most ``limit`` templates from ``offset``, and
+        how many match in all. ``limit`` defaults to :data:`DEFAULT_PAGE_SIZE`, at most
+        :data:`MAX_PAGE_SIZE` (see :func:`page_bounds`); an offset past the end gives an empty page."""
+        offset, limit = page_bounds(offset, limit)
+        found = self.list(query)
+        return TemplatePage(found[offset:offset + limit], len(found), offset, limit)
 
     def _folder(self, template_id: str) -> Path:
         template_id = _check_id(template_id)
@@ -392,12 +518,12 @@ class TemplateStore:
         """Change a template's display name (its id and folder stay)."""
         name = validate_name(new_name)
         info = self.get(template_id)
-        meta = {**info.meta, "name": name}
-        try:
+        try:  # the file as written, so fields this version does not know are kept on disk
+            meta = {**_read_template_json(info.path / TEMPLATE_JSON), "name": name}
             write_json_atomic(info.path / TEMPLATE_JSON, meta)
-        except FileNotFoundError:  # deleted meanwhile
+        except (InputError, FileNotFoundError):  # deleted meanwhile
             raise NotFoundError(f"no template {template_id!r} in {self.root}") from None
-        return TemplateInfo(info.id, info.path, meta)
+        return TemplateInfo(info.id, info.path, sanitize(meta))
 
     def delete(self, template_id: str) -> None:
         """Remove a template: one rename into ``.trash`` (atomic), then delete the files."""
@@ -411,13 +537,17 @@ class TemplateStore:
         _fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 
-    def clean_staging(self, max_age_s: float = 24 * 3600) -> int:
-        """Remove staging folders untouched for ``max_age_s`` and leftovers in ``.trash``.
+    def clean_staging(self, max_age_s: float = 24 * 3600, tmp_max_age_s: float = TMP_MAX_AGE_S) -> int:
+        """Remove what killed processes left: staging folders untouched for ``max_age_s``,
+        leftovers in ``.trash``, and temp files of the atomic writers older than ``tmp_max_age_s``.
 
         A staging folder's age is that of its newest file, so a long run that keeps
-        writing into it is not removed. Returns the number of folders removed.
+        writing into it is not removed; a temp file is written in one go, so one that has
+        not changed for ``tmp_max_age_s`` belongs to a writer that died. Temp files are
+        looked for in the store folder, each template folder and ``.index``. Workers call
+        this when they start. Returns the number of folders and files removed.
         """
-        removed = 0
+        removed = self._clean_temp_files(tmp_max_age_s)
         now = time.time()
         for root, always in ((self.staging_root, False), (self.trash_root, True)):
             if not root.is_dir():
@@ -433,6 +563,14 @@ class TemplateStore:
                         path.unlink()
                 removed += 1
         return removed
+
+    def _clean_temp_files(self, max_age_s: float) -> int:
+        folders = [self.root]
+        with contextlib.suppress(OSError):
+            folders += [Path(e.path) for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)
+                        and e.name not in (STAGING_DIR, TRASH_DIR, INDEX_DIR)]
+        folders += [Path(dirpath) for dirpath, _, _ in os.walk(self.root / INDEX_DIR)]
+        return sum(remove_stale_temp_files(folder, max_age_s) for folder in folders)
 
     # -- export --------------------------------------------------------------------------
 
@@ -566,8 +704,10 @@ class TemplateStore:
                 raise InputError(f"{src.name}: its studio_template metadata is not valid JSON") from None
             if not isinstance(meta, dict):
                 raise InputError(f"{src.name}: its studio_template metadata is not a JSON object")
+            meta = _sanitize_imported(meta, src.name)
             if not isinstance(meta.get("style_prompt"), str):
-                raise InputError(f"{src.name}: its studio_template metadata has no style_prompt")
+                raise InputError(f"{src.name}: its studio_template metadata has no usable style_prompt (a text of "
+                                 "at most 2000 characters)")
         else:
             meta = {"format_version": 1, "style_prompt": _prompt_from_header(header), "imported": True,
                     "source_file": src.name, "created": _now_iso(), "references": [], "previews": []}
@@ -577,7 +717,7 @@ class TemplateStore:
             if loaded.converted:
                 kept.pop("lora_adapter_metadata", None)
             _save_lora(loaded.state, lora, {**kept, "format": "pt"})
-        _finish_meta(meta, loaded.family, staging, header)
+        _finish_meta(meta, loaded.family, staging, header, src.name)
         return meta, src.stem
 
     def _stage_zip(self, src: Path, staging: Path) -> dict:
@@ -601,14 +741,15 @@ class TemplateStore:
                     raise InputError(f"{src.name}: cannot extract {rel}: {e}") from None
         for _, rel in plan:
             _check_member_content(staging / rel, rel, src.name)
-        meta = _read_template_json(staging / TEMPLATE_JSON, src.name)
+        meta = _sanitize_imported(_read_template_json(staging / TEMPLATE_JSON, src.name), src.name)
         if not isinstance(meta.get("style_prompt"), str):
-            raise InputError(f"{src.name}: template.json has no style_prompt")
+            raise InputError(f"{src.name}: template.json has no usable style_prompt (a text of at most 2000 "
+                             "characters)")
         loaded = _load_staged_lora(staging / LORA_FILE, meta, src.name)
         if loaded.converted:
             kept = {k: v for k, v in loaded.metadata.items() if k not in ("studio_template", "lora_adapter_metadata")}
             _save_lora(loaded.state, staging / LORA_FILE, {**kept, "format": "pt"})
-        _finish_meta(meta, loaded.family, staging, {})
+        _finish_meta(meta, loaded.family, staging, {}, src.name)
         return meta
 
 
@@ -631,6 +772,15 @@ def _read_template_json(path: Path, source: str | None = None) -> dict:
         raise InputError(f"{where}{TEMPLATE_JSON} is not valid JSON") from None
     if not isinstance(meta, dict):
         raise InputError(f"{where}{TEMPLATE_JSON} is not a JSON object")
+    return meta
+
+
+def _sanitize_imported(raw: dict, source: str) -> dict:
+    """An imported template.json reduced to the schema (unknown fields and bad values dropped)."""
+    meta = sanitize(raw)
+    lost = dropped(raw, meta)
+    if lost:
+        log.info("import of %s: dropped template.json fields %s", source, ", ".join(lost[:20]))
     return meta
 
 
@@ -667,35 +817,47 @@ def _prompt_from_header(header: dict[str, str]) -> str:
     return ""
 
 
-def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str]) -> None:
-    """Make an imported template.json consistent with what is on disk."""
-    meta["family"] = family
-    backbone = meta.get("backbone")
-    if not isinstance(backbone, str) or not backbone.strip():
-        backbone = header.get("backbone") or header.get("studio_backbone")
+def _import_backbone(meta: dict, family: str, folder: Path, header: dict[str, str], source: str) -> str:
+    """The backbone an imported template gets: the one it names if this studio allows it, else the
+    registry's model its LoRA's attention width belongs to; with no backbone named and no width
+    match, the family's default. A named backbone that is not allowed and matches no width is refused."""
+    stated = meta.get("backbone")
+    if not isinstance(stated, str) or not stated.strip():
+        stated = header.get("backbone") or header.get("studio_backbone") or ""
         arch = header.get("modelspec.architecture", "").lower()
-        if not backbone and family == "sd3" and "medium" in arch:
-            backbone = "sd3.5-medium"
-        if not backbone:
-            backbone = BACKBONES_BY_WIDTH.get((family, _attention_width(folder / LORA_FILE)))
-    if not isinstance(backbone, str) or not backbone.strip() or len(backbone) > 300 or (
-            backbone in KNOWN_BACKBONES and KNOWN_BACKBONES[backbone][0] != family):
-        backbone = DEFAULT_BACKBONES[family]
+        if not stated and family == "sd3" and "medium" in arch:
+            stated = "sd3.5-medium"
+    stated = stated.strip()
+    if stated in KNOWN_BACKBONES and KNOWN_BACKBONES[stated][0] != family:
+        stated = ""  # a registry id of the other family: the file is wrong about it, ignore it
+    if stated and is_allowed(stated):
+        return stated
+    by_width = BACKBONES_BY_WIDTH.get((family, _attention_width(folder / LORA_FILE)))
+    if by_width:
+        if stated:
+            log.info("import of %s: backbone %r is not allowed here; its LoRA's shapes say %s",
+                     source, stated[:80], by_width)
+        return by_width
+    if not stated:
+        return DEFAULT_BACKBONES[family]
+    shown = stated if len(stated) <= 80 else stated[:77] + "..."
+    raise InputError(f"{source}: its backbone {shown!r} is not one this studio allows "
+                     f"({', '.join(allowed_backbones())}) and its LoRA's shapes match none of them")
+
+
+def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str], source: str) -> None:
+    """Make an imported (already sanitised) template.json consistent with what is on disk."""
+    meta["family"] = family
+    backbone = _import_backbone(meta, family, folder, header, source)
     meta["backbone"] = backbone
-    if not isinstance(meta.get("recipe", {}), dict):
-        meta.pop("recipe")
+    if "base_model" in meta:  # what the model card names: the model the backbone really is
+        known = KNOWN_BACKBONES.get(backbone)
+        meta["base_model"] = (known[1] or backbone) if known else backbone  # "tiny" has no hub id
     if not isinstance(meta.get("created"), str):
         meta["created"] = _now_iso()
     for key in ("previews", "references"):  # drop entries whose files did not come along
-        entries = meta.get(key)
-        if isinstance(entries, list):
-            kept = []
-            for entry in entries:
-                target = (entry.get("path") or entry.get("file")) if isinstance(entry, dict) else entry
-                rel = _safe_relative(target)
-                if rel is not None and (folder / rel).is_file():
-                    kept.append(entry)
-            meta[key] = kept
+        if key in meta:
+            meta[key] = [rel for rel in meta[key] if (folder / rel).is_file()]
     thumb = _safe_relative(meta.get("thumbnail"))
     if "thumbnail" in meta and (thumb is None or not (folder / thumb).is_file()):
         meta.pop("thumbnail")
@@ -816,6 +978,7 @@ def _check_member_content(path: Path, rel: str, zip_name: str) -> None:
 def _prepare_dest(dest_dir: Path) -> Path:
     dest = Path(dest_dir).expanduser()
     dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(dest)  # left by an export that was killed while writing
     return dest
 
 

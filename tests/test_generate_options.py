@@ -155,7 +155,7 @@ def test_gradio_client_generate_with_every_option(client, templates):
     recorded = params(files[0])
     assert recorded["mix"] == [{"template": blue, "scale": 0.6}]
     assert recorded["style_schedule"] == 0.5 and recorded["fusion_weight"] == 0.8 and recorded["noise_prior"] is True
-    listed = {t["id"]: t for t in client.predict(api_name="/templates")}
+    listed = {tid: client.predict(tid, api_name="/template") for tid in (red, blue)}
     assert listed[red]["noise_prior"] is True and listed[blue]["noise_prior"] is False
     with pytest.raises(Exception) as info:  # gradio_client's AppError carries the message
         client.predict(blue, "a cabin", "text-to-image", {"noise_prior": True}, api_name="/generate")

@@ -118,7 +118,7 @@ def client(app):
 def parent(client, ref) -> dict:
     job = client.predict([handle_file(ref)], "flat poster", "Poster", FAST, api_name="/train")
     status = wait_done(client, job, ok=True)
-    return next(t for t in client.predict(api_name="/templates") if t["id"] == status["template_id"])
+    return client.predict(status["template_id"], api_name="/template")
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +157,7 @@ def test_human_feedback_trains_on_references_plus_favourites(client, app, parent
     assert request["recipe"]["rank"] == FAST["rank"] and request["recipe"]["steps"] == ROUND2["steps"]
 
     # The new template: linked to its parent, with the synthetic images it learned from.
-    new = client.predict(api_name="/templates")
-    child = next(t for t in new if t["id"] == status["template_id"])
+    child = client.predict(status["template_id"], api_name="/template")
     assert child["parent"] == parent["id"] and child["round"] == 2 and child["id"] != parent["id"]
     assert len(child["references"]) == 1  # synthetic images are not style references
     lineage = child["lineage"]
@@ -169,7 +168,7 @@ def test_human_feedback_trains_on_references_plus_favourites(client, app, parent
     assert [s["file"] for s in meta["refine"]["synthetic"]] == ["references/ref_01.png", "references/ref_02.png"]
     assert meta["captions"] == request["captions"]
     # ...and the parent is untouched.
-    again = next(t for t in new if t["id"] == parent["id"])
+    again = client.predict(parent["id"], api_name="/template")
     assert again["round"] == 1 and again["lineage"] is None and again["previews"] == parent["previews"]
 
 
@@ -209,7 +208,7 @@ def test_refine_bad_inputs_say_why(client, parent, candidates):
     assert "1 to 4" in error(parent["id"], [], "auto", {"candidates": 4, "top_k": 5})
     assert "cannot change rank" in error(parent["id"], [handle_file(candidates[0])], "human", {"rank": 8})
     assert "unknown feedback" in error(parent["id"], [], "vibes", {})
-    assert client.predict(api_name="/templates")  # still serving
+    assert client.predict(api_name="/templates")["templates"]  # still serving
 
 
 # -- the CLI ---------------------------------------------------------------------------------------

@@ -601,3 +601,206 @@ def test_tiny_widths_match_the_built_tiny_model(tiny_folder):
     config = json.loads((Path(tiny_folder) / "transformer" / "config.json").read_text())
     width = config["num_attention_heads"] * config["attention_head_dim"]
     assert BACKBONES_BY_WIDTH[("flux", width)] == "tiny"
+
+
+# ------------------------------------------------------------------------------- template.json schema
+
+POISON = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}, "orig_name": "x.png"}
+
+
+def studio_meta() -> dict:
+    """A template.json as the studio writes it: training's fields, a noise prior, a round-2 lineage, an import."""
+    from dataclasses import asdict
+
+    from studio.recipe import Recipe
+
+    return {
+        "format_version": 1, "id": "ink-round-2", "name": "Ink · round 2", "style_prompt": "ink wash",
+        "backbone": "tiny", "family": "flux", "base_model": "tiny", "recipe": {**asdict(Recipe()), "resolution": 64},
+        "sampler": {"name": "style_friendly", "mu": -6.0, "sigma": 3.0, "shift": 3.0},
+        "lora_targets": ["to_q", "to_k", "to_v", "to_out.0"], "memory_tier": "bf16", "steps_done": 12,
+        "created": "2025-06-01T12:00:00+00:00", "references": ["references/ref_00.png"],
+        "captions": [None, "a robot", "a penguin"], "previews": ["previews/step_0012_p0.png"],
+        "preview_prompts": ["a robot"], "thumbnail": "thumbnail.png", "final_loss": 0.25,
+        "noise_prior": {"file": "noise_prior.safetensors", "kind": "channel", "samples": 3, "shape": [16, 1, 1],
+                        "min_std": 0.05},
+        "parent": "ink", "round": 2,
+        "refine": {"parent_name": "Ink", "mode": "auto", "candidates": 4, "top_k": 2, "style_metric": "clip_i",
+                   "synthetic": [{"source": "cand_01.png", "prompt": "a robot", "seed": 1, "style": 0.8, "text": 0.3,
+                                  "score": 0.24, "file": "references/ref_01.png"}],
+                   "scores": [{"source": "cand_00.png", "prompt": "a cat", "seed": 0, "style": 0.5, "text": 0.2,
+                               "score": 0.1}]},
+        "job_id": "20250601-120000-train-1a2b3c4d", "imported": True, "source_file": "ink.zip",
+        "source_repo": "someone/ink-style",
+    }
+
+
+def test_the_schema_keeps_what_the_studio_writes_and_drops_the_rest():
+    from studio.template_schema import sanitize
+
+    meta = studio_meta()
+    assert sanitize(meta) == meta  # nothing the studio itself writes is lost
+    bad = {**meta, "evil": POISON, "name": "two\nlines", "round": "2", "parent": "../up", "created": "yesterday",
+           "sampler": "fast", "thumbnail": ".hidden.png", "final_loss": float("nan"), "references": POISON,
+           "recipe": {**meta["recipe"], "steps": True, "rank": 10**9, "lr": "0.1", "x": POISON},
+           "previews": ["previews/a.png", "/abs.png", "../up.png", "C:/x.png", POISON],
+           "captions": ["ok", 3, POISON],
+           "refine": {**meta["refine"], "parent_name": POISON, "extra": POISON,
+                      "synthetic": [POISON, {**POISON, "prompt": "a cat", "file": "references/ref_02.png"},
+                                    {"prompt": "no file", "path": "/etc/hostname"}]}}
+    clean = sanitize(bad)
+    text = json.dumps(clean)
+    assert "gradio.FileData" not in text and "/etc/hostname" not in text and "evil" not in clean
+    for key in ("name", "round", "parent", "created", "sampler", "thumbnail", "references", "final_loss"):
+        assert key not in clean, key
+    assert clean["recipe"] == {k: v for k, v in meta["recipe"].items() if k not in ("steps", "rank", "lr")}
+    assert clean["previews"] == ["previews/a.png"] and clean["captions"] == ["ok", None, None]
+    assert clean["refine"]["synthetic"] == [{"prompt": "a cat", "file": "references/ref_02.png"}]
+    assert "parent_name" not in clean["refine"] and "extra" not in clean["refine"]
+    assert sanitize([1, 2]) == {} and sanitize(None) == {}
+
+
+def test_the_schema_knows_every_recipe_field():
+    """template_schema mirrors Recipe without importing torch: a new Recipe field must be added there too."""
+    from dataclasses import asdict, fields
+
+    from studio.recipe import Recipe
+    from studio.template_schema import RECIPE, sanitize
+
+    assert set(RECIPE) == {f.name for f in fields(Recipe)}
+    assert sanitize({"recipe": asdict(Recipe())})["recipe"] == asdict(Recipe())  # the defaults are in bounds
+
+
+def poisoned_zip(store: TemplateStore, tmp_path: Path, **changes) -> Path:
+    """An exported template whose template.json was edited: gradio file objects in its lineage and lists."""
+    members = template_members(store)
+    meta = json.loads(members["template.json"])
+    meta.update({"parent": "elsewhere", "round": 2, "evil": POISON, "previews": meta["previews"] + [POISON],
+                 "refine": {"mode": "human", "parent_name": "Elsewhere",
+                            "synthetic": [POISON, {**POISON, "prompt": "a cat", "file": "references/ref_00.png"}]},
+                 **changes})
+    members["template.json"] = json.dumps(meta).encode()
+    return write_zip(tmp_path / "poisoned.zip", members)
+
+
+def test_an_imported_template_json_is_reduced_to_the_schema(store, tmp_path):
+    info = store.import_file(poisoned_zip(store, tmp_path))
+    on_disk = (info.path / "template.json").read_text()
+    assert "gradio.FileData" not in on_disk and "/etc/hostname" not in on_disk and '"evil"' not in on_disk
+    assert info.meta["refine"]["synthetic"] == [{"prompt": "a cat", "file": "references/ref_00.png"}]
+    assert info.meta["previews"] == ["previews/step_0000_p0_s0.png"] and info.meta["round"] == 2
+    assert store.get(info.id).meta == info.meta
+
+
+def test_a_template_already_in_the_store_is_read_through_the_schema(store):
+    """A folder written before imports were checked (or edited by hand) is listed with its checked fields only,
+    and renaming it keeps the file's other fields on disk."""
+    info = add(store, "Old", refine={"mode": "human", "synthetic": [POISON]}, parent="x", round=2, evil=POISON)
+    listed = store.list()[0]
+    assert "evil" not in listed.meta and listed.meta["refine"] == {"mode": "human", "synthetic": []}
+    assert listed.references == [info.path / "references" / "ref_00.png"]
+    store.rename(info.id, "Older")
+    assert json.loads((info.path / "template.json").read_text())["evil"] == POISON
+    assert store.get(info.id).name == "Older" and "evil" not in store.get(info.id).meta
+
+
+# ------------------------------------------------------------------------------- backbones of imports
+
+
+def bare_lora(tmp_path: Path, width: int, name: str, metadata=None) -> Path:
+    state = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, width),
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(width, 4)}
+    path = tmp_path / f"{name}.safetensors"
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def test_an_imported_backbone_must_be_allowed(store, tmp_path, monkeypatch):
+    """A template naming a folder or any hub repo as its backbone gets the model its LoRA's shapes belong to;
+    when the shapes say nothing, the import is refused (a shared studio never loads what an import names)."""
+    monkeypatch.delenv("STUDIO_BACKBONES", raising=False)
+    monkeypatch.setenv("STUDIO_BACKBONE", "tiny")
+    card = {"style_prompt": "ink", "backbone": "/srv/models/anything"}
+    tiny_wide = bare_lora(tmp_path, 64, "tiny-wide", {"studio_template": json.dumps(card)})
+    assert store.import_file(tiny_wide).backbone == "tiny"
+    header_only = bare_lora(tmp_path, 3072, "flux-wide", {"backbone": "someone/any-model"})
+    assert store.import_file(header_only).backbone == "flux-dev"
+
+    zipped = poisoned_zip(store, tmp_path, backbone="someone/any-model")  # the test LoRA is 32 wide: no match
+    before = snapshot(store)
+    with pytest.raises(InputError, match="'someone/any-model' is not one this studio allows.*tiny, flux-dev"):
+        store.import_file(zipped)
+    assert snapshot(store) == before
+
+    monkeypatch.setenv("STUDIO_BACKBONES", "other/model, someone/any-model")  # the operator allows it
+    assert store.import_file(zipped).backbone == "someone/any-model"
+
+
+# ------------------------------------------------------------------------------- paging
+
+
+def write_templates(store: TemplateStore, n: int) -> None:
+    """``n`` minimal template folders written directly (t000 oldest ... newest)."""
+    for i in range(n):
+        folder = store.root / f"t{i:03d}"
+        folder.mkdir()
+        (folder / "lora.safetensors").write_bytes(b"x")  # listing never opens it
+        card = {"id": folder.name, "name": f"Style {i}", "style_prompt": f"style number {i}",
+                "backbone": "flux-dev", "family": "flux",
+                "created": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00",
+                "recipe": {"rank": 32}, "references": [f"references/ref_{j:02d}.png" for j in range(10)]}
+        (folder / "template.json").write_text(json.dumps(card))
+
+
+def median_seconds(fn, runs: int = 7) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[runs // 2]
+
+
+def test_the_listing_comes_in_pages_from_parsed_files_cached(store, monkeypatch):
+    write_templates(store, 500)
+    page = store.page()
+    assert page.total == 500 and page.offset == 0 and page.limit == templates.DEFAULT_PAGE_SIZE == 48
+    assert [i.id for i in page.items] == [f"t{i:03d}" for i in range(499, 451, -1)]
+    last = store.page(offset=480, limit=48)
+    assert [i.id for i in last.items] == [f"t{i:03d}" for i in range(19, -1, -1)] and last.total == 500
+    assert store.page(limit=1000).limit == templates.MAX_PAGE_SIZE and len(store.page(limit=1000).items) == 200
+    assert store.page(offset=1000).items == [] and store.page(offset=2.0, limit=1.0).items[0].id == "t497"
+    found = store.page("STYLE NUMBER 42", limit=2)
+    assert found.total == sum("42" in str(i) for i in range(500)) and [i.id for i in found.items] == ["t442", "t429"]
+    for offset, limit in ((-1, None), (0, -5), ("many", None), (True, None), (0, 1.5)):
+        with pytest.raises(InputError, match="whole number"):
+            store.page(offset=offset, limit=limit)
+
+    parsed = []
+    real_read = templates._read_template_json
+    monkeypatch.setattr(templates, "_read_template_json", lambda *a: parsed.append(a) or real_read(*a))
+    assert median_seconds(store.page) < 0.2  # generous: ~10 ms on a quiet machine
+    assert parsed == []  # nothing parsed again: every file is cached by (mtime, size, inode)
+    store.rename("t499", "Renamed")
+    assert store.page().items[0].name == "Renamed" and len(parsed) >= 1
+
+
+def test_studio_api_lists_a_page_of_summaries_quickly(tmp_path):
+    from studio.api import StudioAPI
+    from studio.jobs import Jobs
+
+    jobs = Jobs(tmp_path / "data")
+    try:
+        write_templates(jobs.store, 500)
+        api = StudioAPI(jobs)
+        page = api.templates()
+        assert page["total"] == 500 and len(page["templates"]) == 48 and page["offset"] == 0
+        first = page["templates"][0]
+        assert set(first) == {"id", "name", "style_prompt", "backbone", "family", "created", "thumbnail", "imported",
+                              "round", "parent"}
+        assert first["id"] == "t499" and first["thumbnail"] is None
+        assert [t["id"] for t in api.templates("style number 42", 1, 2)["templates"]] == ["t429", "t428"]
+        assert median_seconds(api.templates) < 0.2
+        assert len(api.template_list()) == 500
+    finally:
+        jobs.queue.close()

@@ -1,13 +1,17 @@
 """Backbone registry: names users type, mapped to a model family and a checkpoint.
 
-Besides the names below, any local folder or Hugging Face repo id holding a diffusers
+Besides the names below, a local folder or Hugging Face repo id holding a diffusers
 ``FluxPipeline`` or ``StableDiffusion3Pipeline`` works; its family is read from
-``model_index.json``.
+``model_index.json``. Requests that reach the studio from outside (web, API, imported templates)
+may only name the registry's ids and the backbones the operator configured
+(:func:`studio.config.configured_backbones`): :func:`resolve_allowed` checks that before anything
+is read or downloaded, so a shared studio never fetches or loads a repository a user picked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ KNOWN_BACKBONES: dict[str, tuple[str, str]] = {
     "sd3.5-medium": ("sd3", "stabilityai/stable-diffusion-3.5-medium"),
 }
 PIPELINE_FAMILIES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+MAX_BACKBONE_CHARS = 300  # a folder path or hub id; longer is not a backbone
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,46 @@ def resolve(backbone_id: str) -> BackboneSpec:
         )
     return BackboneSpec(backbone_id, family, str(Path(backbone_id).expanduser()) if
                         Path(backbone_id).expanduser().is_dir() else backbone_id)
+
+
+def _normalised(value: str) -> str:
+    """A backbone as compared by the allow-list: folders by their real path, ids as written."""
+    value = (value or "").strip()
+    looks_like_path = value.startswith(("/", "~", ".")) or "\\" in value or value.count("/") > 1
+    if looks_like_path or Path(value).expanduser().is_dir():
+        return os.path.realpath(Path(value).expanduser())
+    return value
+
+
+def allowed_backbones() -> list[str]:
+    """The backbones a request may name: the registry's ids, then the operator's (env, read now)."""
+    from ..config import configured_backbones
+
+    return list(dict.fromkeys([*KNOWN_BACKBONES, *configured_backbones()]))
+
+
+def is_allowed(backbone_id: str) -> bool:
+    """Whether ``backbone_id`` is a registry id or one the operator configured."""
+    backbone_id = (backbone_id or "").strip()
+    if not backbone_id or len(backbone_id) > MAX_BACKBONE_CHARS or "\x00" in backbone_id:
+        return False
+    if backbone_id in KNOWN_BACKBONES:
+        return True
+    wanted = _normalised(backbone_id)
+    return any(_normalised(allowed) == wanted for allowed in allowed_backbones())
+
+
+def resolve_allowed(backbone_id: str) -> BackboneSpec:
+    """:func:`resolve` for a backbone named by a request or a stored template: only allowed ones.
+
+    InputError (nothing read, nothing downloaded) for any other folder or hub id.
+    """
+    backbone_id = (backbone_id or "").strip()
+    if not is_allowed(backbone_id):
+        shown = backbone_id if len(backbone_id) <= 80 else backbone_id[:77] + "..."
+        raise InputError(f"backbone {shown!r} is not allowed here: use one of {', '.join(allowed_backbones())} "
+                         "(the operator can allow more with STUDIO_BACKBONES)")
+    return resolve(backbone_id)
 
 
 def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: str = "bf16",

@@ -1,7 +1,7 @@
 """The public API for ``gradio_client`` (JSON in, JSON or files out), on invisible components.
 
 The tabs' own events are private; these endpoints are the stable, documented surface:
-``/train``, ``/job_status``, ``/cancel``, ``/templates``, ``/generate``, ``/export_template``,
+``/train``, ``/job_status``, ``/cancel``, ``/templates`` (a page), ``/template``, ``/generate``, ``/export_template``,
 ``/import_template``, ``/import_hub``, ``/rename_template``, ``/delete_template``,
 ``/share_template``; finding styles: ``/search_templates``, ``/similar_templates``, ``/template_scores``;
 refining a template (StyleDrop's round 2): ``/refine_candidates``, ``/refine``.
@@ -25,6 +25,7 @@ def build(api: StudioAPI) -> None:
         flag = gr.Checkbox(True, label="private")
         count = gr.Number(None, label="k", precision=0)
         threshold = gr.Number(None, label="min_similarity")
+        offset, limit = gr.Number(0, label="offset", precision=0), gr.Number(None, label="limit", precision=0)
         options = gr.JSON(label="options")
         out_text, out_json = gr.Textbox(label="result"), gr.JSON(label="result")
         out_file, out_files = gr.File(label="file"), gr.File(file_count="multiple", label="files")
@@ -38,7 +39,7 @@ def build(api: StudioAPI) -> None:
         options (dict: preset, steps, lr, rank, sampler, mu, sigma, resolution, seed, offset_noise,
         noise_prior (true: learn the style's noise prior), preview_every, preview_prompt, backbone, captions).
         Returns the job id."""
-        return api.train(images, style_prompt, name, options if isinstance(options, dict) else None)
+        return api.train(images, style_prompt, name, options)
 
     def job_status(job_id):
         """State of a job: state, step, total_steps, losses, t, previews, queue_position, template_id, error, ..."""
@@ -48,9 +49,15 @@ def build(api: StudioAPI) -> None:
         """Cancel a queued or running job; returns its status."""
         return api.cancel(job_id)
 
-    def templates(query=None):
-        """Every template (newest first), optionally filtered by a search text."""
-        return api.templates(query)
+    def templates(query=None, offset=0, limit=None):
+        """One page of templates (newest first), optionally filtered by a search text: {"templates": [id, name,
+        style_prompt, backbone, family, created, thumbnail, imported, round, parent], "total", "offset", "limit"}.
+        limit: 48 by default, at most 200. Details of one template: /template."""
+        return api.templates(query, offset, limit)
+
+    def template(template_id):
+        """One template in full: previews, references, preview_prompts, steps, sampler, noise_prior, lineage, ..."""
+        return api.template(template_id)
 
     def generate(template_id, prompt, mode=None, options=None):
         """Generate PNGs: template id ("" = base model), prompt, mode (text-to-image | multi-panel | meme),
@@ -59,8 +66,7 @@ def build(api: StudioAPI) -> None:
         template only in that first fraction of the steps), fusion_weight (0-2: per step base + w * (template -
         base)), noise_prior (true: start from the template's stored noise prior); multi-panel: panels, layout,
         gutter, border, captions, single_shot; meme: top, bottom, meme_style). Returns the image files."""
-        return [str(p) for p in api.generate(template_id, prompt, mode or "text-to-image",
-                                             options if isinstance(options, dict) else None)]
+        return [str(p) for p in api.generate(template_id, prompt, mode or "text-to-image", options)]
 
     def export_template(template_id, fmt=None):
         """Download a template as zip, safetensors (diffusers keys) or comfy (ComfyUI keys)."""
@@ -106,8 +112,7 @@ def build(api: StudioAPI) -> None:
         """Candidates to pick favourites from: n pictures (default 8) of different subjects made with the
         template. options: seed, offset, steps, lora_scale, prompts. Returns the PNG files (each carries its
         content prompt); send the favourites back to /refine."""
-        return [str(p) for p in api.refine_candidates(template_id, int(n) if n else None,
-                                                      options if isinstance(options, dict) else None)]
+        return [str(p) for p in api.refine_candidates(template_id, int(n) if n else None, options)]
 
     def refine(template_id, images=None, feedback=None, options=None):
         """Queue round 2 of a template (a new template linked to it). feedback "human": train on its references
@@ -115,12 +120,13 @@ def build(api: StudioAPI) -> None:
         and keeps the `top_k` (3) best by style x text score. options: name, captions, candidates, top_k,
         candidate_seed, candidate_steps, prompts, style_metric (clip_i | dino), steps, lr, seed, preview_every.
         Returns the job id (follow it with /job_status)."""
-        return api.refine(template_id, images, feedback, options if isinstance(options, dict) else None)
+        return api.refine(template_id, images, feedback, options)
 
     endpoint(train, [files, text_a, text_b, options], out_text, "train")
     endpoint(job_status, text_a, out_json, "job_status", concurrency_limit=None)
     endpoint(cancel, text_a, out_json, "cancel", concurrency_limit=None)
-    endpoint(templates, text_a, out_json, "templates", concurrency_limit=None)
+    endpoint(templates, [text_a, offset, limit], out_json, "templates", concurrency_limit=None)
+    endpoint(template, text_a, out_json, "template", concurrency_limit=None)
     endpoint(generate, [text_a, text_b, text_c, options], out_files, "generate", concurrency_limit=4)
     endpoint(export_template, [text_a, text_b], out_file, "export_template", concurrency_limit=2)
     endpoint(import_template, [one_file, text_a], out_json, "import_template")

@@ -14,6 +14,7 @@ from .common import guard
 EXPORTS = [("Template (.zip)", "zip"), ("LoRA for diffusers (.safetensors)", "safetensors"),
            ("LoRA for ComfyUI (.safetensors)", "comfy")]
 SEARCH_K = 24  # search results shown in the gallery
+PAGE_SIZE = 24  # tiles per gallery page (a big store is shown a page at a time)
 
 
 def build(api: StudioAPI) -> SimpleNamespace:
@@ -31,6 +32,10 @@ def build(api: StudioAPI) -> SimpleNamespace:
             ui.gallery = gr.Gallery(label="Your style templates — click one", columns=4, height=340,
                                     object_fit="cover", allow_preview=False, elem_id="gallery", buttons=[],
                                     fit_columns=False)
+            with gr.Row(equal_height=True, elem_id="gallery-pager", visible=False) as ui.pager:
+                ui.prev_page = gr.Button("← Newer", size="sm", interactive=False, elem_id="gallery-prev", scale=1)
+                ui.page_label = gr.Markdown("", elem_id="gallery-page")
+                ui.next_page = gr.Button("Older →", size="sm", interactive=False, elem_id="gallery-next", scale=1)
             ui.empty = gr.Markdown("", elem_classes="hint")
             with gr.Accordion("Import a template", open=False, elem_id="import-box"):
                 ui.import_file = gr.File(label="A template .zip or a LoRA .safetensors",
@@ -72,21 +77,40 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 ui.share_result = gr.Markdown()
     ui.ids = gr.State([])
     ui.selected = gr.State("")
+    ui.offset = gr.State(0)  # the first tile's position in the listing (browsing, not searching)
     refine_panel.wire(api, ui.refine, ui.selected)
 
-    def refresh(query, selected, image=None):
-        """Reload the list (or the search results for a text / a dropped picture); keep the selection if it
-        is still shown, else select the first tile (the newest, or the best match)."""
-        note, found = "", None
+    def listing(offset):
+        """One page of the listing from ``offset`` (the last page when the store shrank below it)."""
+        page = api.templates(None, offset, PAGE_SIZE)
+        if not page["templates"] and page["total"] and offset:
+            page = api.templates(None, (page["total"] - 1) // PAGE_SIZE * PAGE_SIZE, PAGE_SIZE)
+        return page
+
+    def pager(page):
+        """The page controls: the offset, newer / older buttons and "25–48 of 574" (hidden when all fit)."""
+        if page is None:  # search results: no paging
+            return 0, gr.Row(visible=False), gr.Button(interactive=False), gr.Button(interactive=False), ""
+        shown, total, first = len(page["templates"]), page["total"], page["offset"]
+        label = f"{first + 1}–{first + shown} of {total}" if shown else ""
+        return (first, gr.Row(visible=total > PAGE_SIZE), gr.Button(interactive=first > 0),
+                gr.Button(interactive=first + shown < total), label)
+
+    def refresh(query, selected, image=None, offset=0):
+        """Reload the page of the list at ``offset`` (or the search results for a text / a dropped picture);
+        keep the selection if it is still shown, else select the first tile (the newest, or the best match)."""
+        note, found, page = "", None, None
         if image or (query or "").strip():
             try:
                 found = api.search_templates(query, image, SEARCH_K)
                 templates, items, note = found["results"], present.search_items(found), present.search_note(found)
             except StudioError as exc:  # e.g. a picture that is not an image: say so, keep showing everything
-                templates, note = api.templates(), f"⚠️ {exc}"
+                page, note = listing(0), f"⚠️ {exc}"
+                templates = page["templates"]
                 items = present.gallery_items(templates)
         else:
-            templates = api.templates()
+            page = listing(offset or 0)
+            templates = page["templates"]
             items = present.gallery_items(templates)
         ids = [t["id"] for t in templates]  # one tile per template, in order
         gallery = gr.Gallery(value=items, label=present.gallery_label(found))
@@ -97,7 +121,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             empty = " ".join(x for x in ("" if image else f"No template matches “{query}”.", note) if x)
         else:
             empty = "No templates yet — train one in the **Train** tab, or import one below."
-        return (gallery, ids, selected, empty) + details(selected)
+        return (gallery, ids, selected, empty) + details(selected) + pager(page)
 
     def details(template_id):
         t = api.template(template_id) if template_id else None
@@ -109,8 +133,19 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     detail_outputs = [ui.card, ui.strip, ui.use, ui.export, ui.new_name, ui.export_file, ui.confirm_row,
                       ui.repo, ui.share_result]
+    pager_outputs = [ui.offset, ui.pager, ui.prev_page, ui.next_page, ui.page_label]
     ui.refresh = (refresh, [ui.search, ui.selected, ui.search_image],
-                  [ui.gallery, ui.ids, ui.selected, ui.empty] + detail_outputs)
+                  [ui.gallery, ui.ids, ui.selected, ui.empty] + detail_outputs + pager_outputs)
+
+    def newer(query, selected, image, offset):
+        return refresh(query, selected, image, max(0, (offset or 0) - PAGE_SIZE))
+
+    def older(query, selected, image, offset):
+        return refresh(query, selected, image, (offset or 0) + PAGE_SIZE)
+
+    paging_inputs = [ui.search, ui.selected, ui.search_image, ui.offset]
+    ui.prev_page.click(newer, paging_inputs, ui.refresh[2], api_visibility="private")
+    ui.next_page.click(older, paging_inputs, ui.refresh[2], api_visibility="private")
 
     def search(query, selected, image):
         """A new search: show the best match (or, with the search cleared, the newest)."""
@@ -144,12 +179,12 @@ def build(api: StudioAPI) -> SimpleNamespace:
         None, js="() => { setTimeout(() => document.querySelector('#export-file a')?.click(), 300); }")
 
     @guard
-    def rename(template_id, name, query, image=None):
+    def rename(template_id, name, query, image=None, offset=0):
         api.rename(template_id, name)
         gr.Info(f"Renamed to “{name.strip()}”.")
-        return refresh(query, template_id, image)
+        return refresh(query, template_id, image, offset)
 
-    ui.rename.click(rename, [ui.selected, ui.new_name, ui.search, ui.search_image], ui.refresh[2],
+    ui.rename.click(rename, [ui.selected, ui.new_name, ui.search, ui.search_image, ui.offset], ui.refresh[2],
                     api_visibility="private")
 
     def ask_delete(template_id):
@@ -162,13 +197,14 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.keep.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private", queue=False)
 
     @guard
-    def delete(template_id, query, image=None):
+    def delete(template_id, query, image=None, offset=0):
         name = api.template(template_id)["name"]
         api.delete(template_id)
         gr.Info(f"Deleted “{name}”.")
-        return refresh(query, "", image)
+        return refresh(query, "", image, offset)
 
-    ui.confirm.click(delete, [ui.selected, ui.search, ui.search_image], ui.refresh[2], api_visibility="private")
+    ui.confirm.click(delete, [ui.selected, ui.search, ui.search_image, ui.offset], ui.refresh[2],
+                     api_visibility="private")
 
     @guard
     def do_import(file, repo, token, query, image=None):

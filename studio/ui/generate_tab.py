@@ -86,7 +86,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
 
     def mix_dropdown(template_id, mix_with):
         """The second-template choices without the main one (which cannot be mixed into itself)."""
-        choices = gen_options.mix_choices(api.templates(), template_id)
+        choices = gen_options.mix_choices(api.template_list(), template_id)
         keep = mix_with if mix_with in {v for _, v in choices} else gen_options.NO_MIX
         return gr.Dropdown(choices=choices, value=keep)
 

@@ -151,7 +151,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
     def fill_name(style, name):
         if (name or "").strip() or not (style or "").strip():
             return gr.skip()
-        return suggest_name(style, {t["name"] for t in api.templates()})
+        return suggest_name(style, {t["name"] for t in api.template_list()})
 
     ui.style.blur(fill_name, [ui.style, ui.name], ui.name, api_visibility="private")
     ui.preset.change(_preset_values, ui.preset, [ui.steps, ui.every, ui.resolution], api_visibility="private",
