@@ -16,14 +16,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 
 # Before gradio / huggingface_hub are imported: no phoning home from the web process.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Gradio keeps per-event timings for its monitoring page: the last 1,000 events, not 10,000.
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 log = logging.getLogger("studio.app")
 DEFAULT_MAX_UPLOAD_MB = 1024  # template imports (a FLUX LoRA can be a few hundred MB); images: 50 MB each
+# Browser sessions whose state (gr.State, component values) the app keeps. Gradio keeps 10,000, each with a
+# copy of every component's settings (~0.3 MB in this app): an API client that opens a session per call
+# grew the web process by ~67 MB per 200 calls. The least recently used sessions beyond this are dropped.
+DEFAULT_SESSIONS = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-upload-mb", type=float,
                         default=float(os.environ.get("STUDIO_MAX_UPLOAD_MB", DEFAULT_MAX_UPLOAD_MB)),
                         help=f"refuse uploads larger than this (default {DEFAULT_MAX_UPLOAD_MB} MB)")
+    parser.add_argument("--sessions", type=int, default=int(os.environ.get("STUDIO_SESSIONS", DEFAULT_SESSIONS)),
+                        help=f"browser sessions kept in memory (default {DEFAULT_SESSIONS}; env STUDIO_SESSIONS)")
     parser.add_argument("--log-level", default=os.environ.get("STUDIO_LOG_LEVEL", "INFO"))
     return parser.parse_args(argv)
 
@@ -55,6 +64,14 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
     if not sep or not user or not password:
         raise SystemExit("--auth / STUDIO_AUTH must look like user:password")
     return user, password
+
+
+def internal_paths(jobs) -> list[str]:
+    """The studio's own files that must never be served, even if a data folder were allowed: the SQLite
+    queue with its WAL, shared-memory and lock files, and the workers' heartbeats and logs (``.workers``)."""
+    queue = jobs.settings.sqlite_file
+    files = [queue, *(queue.with_name(queue.name + s) for s in ("-wal", "-shm", "-journal", ".lock"))]
+    return [str(p) for p in (*files, jobs.runs_dir / ".workers")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,14 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["STUDIO_BACKBONE"] = backbone  # the worker and every request default to it
 
     import gradio as gr
+    from starlette.middleware import Middleware
 
     from studio.api import StudioAPI
     from studio.jobs import Jobs
     from studio.ui import build_demo
+    from studio.ui.auth import LoginThrottle, login_note
     from studio.ui.common import CSS
     from studio.worker import Supervisor
 
-    jobs = Jobs()
+    try:
+        jobs = Jobs()  # opens the queue: a damaged SQLite queue file is set aside and refilled from the job records
+    except (StudioError, OSError, sqlite3.Error) as exc:
+        print(f"error: cannot open the job queue or the data folder: {exc}", file=sys.stderr)
+        return 2
     api = StudioAPI(jobs, backbone=backbone)
     supervisor = None
     if not args.no_worker:
@@ -94,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("running on the tiny offline demo backbone (no GPU or no model weights); "
                     "use --backbone flux-dev on a GPU for real styles")
     api.warm_index()  # style search: embed templates that are new since the last start, in the background
-    demo = build_demo(api)
+    demo = build_demo(api)  # shows files of the data folders as copies in Gradio's cache (studio.ui.served)
     demo.queue(default_concurrency_limit=1)
     host = args.host
     if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
@@ -102,9 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         demo.launch(
             server_name=host, server_port=args.port, share=args.share, auth=auth,
-            auth_message="Style Template Studio: please log in",
-            # Only the data folders are served (Gradio's own upload/cache folder is implicit).
-            allowed_paths=[str(jobs.runs_dir), str(jobs.store.root), str(config.store_dir())],
+            auth_message=f"Style Template Studio: please log in. {login_note()}",
+            # Nothing of the data folders is served directly: not in allowed_paths, and the internals blocked
+            # outright in case someone adds them (blocked_paths win over allowed_paths).
+            allowed_paths=[], blocked_paths=internal_paths(jobs),
+            app_kwargs={"middleware": [Middleware(LoginThrottle)]} if auth else None,
+            state_session_capacity=max(1, args.sessions),
             max_file_size=f"{args.max_upload_mb:g}mb", run_history=False, footer_links=["api", "settings"],
             theme=gr.themes.Soft(), css=CSS, show_error=True,
         )

@@ -1,4 +1,4 @@
-"""Command line: ``python -m studio train | generate | refine | templates``.
+"""Command line: ``python -m studio train | generate | refine | templates | jobs``.
 
 Bad input ends with exit code 2 and a one-line message (no traceback), and never touches the
 template store. ``STUDIO_DEBUG=1`` shows tracebacks of unexpected errors.
@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc = ms.add_parser("scores", help="style scores (DINO, CLIP-I, CLIP-T) of a template's final previews")
     sc.add_argument("template")
     sc.add_argument("--json", action="store_true", help="print JSON (with per-image scores)")
+
+    j = sub.add_parser("jobs", help="jobs of the web app's worker (data folder: env STUDIO_DATA)")
+    js = j.add_subparsers(dest="action", required=True)
+    jp = js.add_parser("publish", help="save the kept result of a training whose template could not be saved "
+                                       "(e.g. the disk was full) as a template")
+    jp.add_argument("job", help="the job id (runs/<job id>)")
     return parser
 
 
@@ -194,8 +200,9 @@ def publish(store, result: Path, name: str):
 
 
 def cmd_generate(args: argparse.Namespace, store) -> int:
-    from .backbones import load_backbone
-    from .generation import GenerateOptions, check_request, generate
+    from .backbones import load_backbone, resolve
+    from .checks import writable_dir
+    from .generation import GenerateOptions, check_request, generate, output_size
     from .mixing import parse_mix_arg, resolve_mix
 
     options = GenerateOptions(
@@ -209,8 +216,10 @@ def cmd_generate(args: argparse.Namespace, store) -> int:
     mix = resolve_mix(store, options.mix)
     check_request(options, (template.path, template.meta) if template else None, mix)  # before loading a model
     backbone_id = args.backbone or (template.backbone if template else "tiny")
+    output_size(options, resolve(backbone_id).default_resolution, template.meta if template else None)
+    out = writable_dir(args.out)
     backbone = load_backbone(backbone_id)
-    files = generate(backbone, options, Path(args.out),
+    files = generate(backbone, options, out,
                      (template.path, template.meta) if template else None,
                      stem=template.id if template else "base", mix=mix)
     for f in files:
@@ -234,7 +243,10 @@ def cmd_refine(args: argparse.Namespace, store) -> int:
     if args.captions and not args.images:
         raise StudioError("--captions go with --images")
     if not args.auto and not args.images:  # human feedback, step 1: pictures to choose from
+        from .checks import writable_dir
+
         parent = store.get(args.template)
+        writable_dir(args.out, "candidates folder")
         prompts = refine.candidate_prompts(args.candidates)
         backbone = load_backbone(parent.backbone or "tiny")
         with tqdm(total=len(prompts), desc="candidates", unit="img", file=sys.stderr) as bar:
@@ -291,8 +303,9 @@ def cmd_templates(args: argparse.Namespace, store) -> int:
         for info in store.list(args.query):
             print(f"{info.id}\t{info.name}\t{info.style_prompt}\t{info.backbone}\t{info.created}")
     elif args.action == "export":
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        from .checks import writable_dir
+
+        out = writable_dir(args.out)
         export = {"zip": store.export_zip, "safetensors": store.export_safetensors,
                   "comfy": store.export_comfy}[args.format]
         print(export(args.template, out))
@@ -307,6 +320,20 @@ def cmd_templates(args: argparse.Namespace, store) -> int:
         return cmd_search(args, store)
     elif args.action == "scores":
         return cmd_scores(args, store)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, store) -> int:
+    from dataclasses import replace
+
+    from .jobs import Jobs
+    from .queue_backend import Settings
+
+    settings = Settings.from_env()
+    if args.store:
+        settings = replace(settings, store_dir=Path(args.store).expanduser().resolve())
+    status = Jobs(settings=settings).publish_result(args.job)  # the only action so far: publish
+    print(f"{status['template_id']}\t{status['message']}")
     return 0
 
 
@@ -386,24 +413,36 @@ def main(argv: list[str] | None = None) -> int:
 
         store = TemplateStore(Path(args.store) if args.store else config.store_dir())
         command = {"train": cmd_train, "generate": cmd_generate, "templates": cmd_templates,
-                   "refine": cmd_refine}[args.command]
+                   "refine": cmd_refine, "jobs": cmd_jobs}[args.command]
         return command(args, store)
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except OSError as exc:
+        if exc.filename is None or os.environ.get("STUDIO_DEBUG"):
+            return _internal(exc)
+        # A path the machine refuses (no such folder, read-only, disk full): one line, like every bad path.
+        where = os.fsdecode(exc.filename) if isinstance(exc.filename, str | bytes) else str(exc.filename)
+        print(f"error: cannot use {where!r}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_INPUT
     except KeyboardInterrupt:
         print("interrupted; run the same command with --run-dir to resume a training", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug or the machine (out of memory...): one line, details on demand
-        import torch
+        return _internal(exc)
 
-        if isinstance(exc, torch.OutOfMemoryError):
-            print("error: out of GPU memory; try a lower --resolution or --rank", file=sys.stderr)
-            return EXIT_INPUT
-        if os.environ.get("STUDIO_DEBUG"):
-            raise
-        print(f"internal error: {type(exc).__name__}: {exc} (set STUDIO_DEBUG=1 for details)", file=sys.stderr)
-        return EXIT_INTERNAL
+
+def _internal(exc: Exception) -> int:
+    """Report an unexpected error in one line (re-raised with ``STUDIO_DEBUG=1``); out of memory is the user's."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        print("error: out of GPU memory; try a lower --resolution or --rank", file=sys.stderr)
+        return EXIT_INPUT
+    if os.environ.get("STUDIO_DEBUG"):
+        raise exc
+    print(f"internal error: {type(exc).__name__}: {exc} (set STUDIO_DEBUG=1 for details)", file=sys.stderr)
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

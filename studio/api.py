@@ -27,11 +27,14 @@ from typing import Any
 from PIL import Image
 
 from . import compose
+from .checks import MAX_SEED, boolean, finite_float, json_object, strict_int, text
 from .errors import InputError, StudioError
+from .generation import MAX_LORA_SCALE
 from .images import MAX_NAME_CHARS
-from .jobs import CANCELLED, DONE, FAILED, FINAL, Jobs
+from .jobs import CANCELLED, DONE, FAILED, FINAL, Jobs, parse_generate_options
 from .noise_prior import PRIOR_FILE
-from .refine import describe_lineage, template_round
+from .recipe import MAX_RESOLUTION, MAX_SAMPLING_STEPS, MIN_RESOLUTION, stored_resolution
+from .refine import MAX_CANDIDATES, STYLE_METRICS, describe_lineage, template_round
 from .templates import TemplateInfo
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ STATUS_KEYS = ("id", "kind", "state", "name", "style_prompt", "backbone", "step"
                "previews", "queue_position", "template_id", "error", "message", "eta_s", "sec_per_step",
                "outputs", "created", "request")
 GENERATE_TIMEOUT_S = 1800.0
+MAX_RESULTS = 100  # search results per query
+MAX_OFFSET = 10_000  # refine_candidates' "offset" along the prompt list
 EXPORT_MAX_AGE_S = 3600.0
 
 
@@ -112,26 +117,26 @@ class StudioAPI:
         store the style's noise prior), preview_every, preview_prompt, ...), ``backbone`` and
         ``captions`` (one per image).
         """
-        opts = dict(options or {})
-        if not isinstance(options, dict | None):
-            raise InputError("options must be a JSON object, e.g. {\"preset\": \"quick\"}")
-        backbone = opts.pop("backbone", None) or self.backbone
+        opts = json_object(options, "options", '{"preset": "quick"}')
+        backbone = text(opts.pop("backbone", None), "backbone", optional=True, max_chars=1000) or self.backbone
         captions = opts.pop("captions", None)
         if isinstance(opts.get("preview_prompt"), str) and not opts["preview_prompt"].strip():
             opts["preview_prompt"] = None
         paths = _as_paths(images)
-        name = (name or "").strip() or suggest_name(style_prompt or "", {t.name for t in self.store.list()})
+        style_prompt = text(style_prompt, "style prompt", optional=True)
+        name = (text(name, "template name", optional=True) or "").strip() or suggest_name(
+            style_prompt or "", {t.name for t in self.store.list()})
         return self.jobs.submit_train(paths, style_prompt, name, recipe=opts, backbone=backbone, captions=captions)
 
     def job_status(self, job_id: str) -> dict:
         """The job's state for display: state, step, total_steps, losses, t, previews, queue_position,
         template_id, error, message, eta_s, ... (see :data:`STATUS_KEYS`)."""
-        status = self.jobs.status((job_id or "").strip())
+        status = self.jobs.status(_job_id(job_id))
         return {k: status.get(k) for k in STATUS_KEYS}
 
     def cancel(self, job_id: str) -> dict:
         """Cancel a queued or running job; returns its status."""
-        self.jobs.cancel((job_id or "").strip())
+        self.jobs.cancel(_job_id(job_id))
         return self.job_status(job_id)
 
     def active_training(self) -> dict | None:
@@ -161,15 +166,45 @@ class StudioAPI:
             "lineage": describe_lineage(meta, info.path),
         }
 
-    def templates(self, query: str | None = None) -> list[dict]:
-        """Every template, newest first; ``query`` filters by name and style prompt."""
-        return [self.describe(t) for t in self.store.list((query or "").strip() or None)]
+    @staticmethod
+    def brief(info: TemplateInfo) -> dict:
+        """What a picker needs of a template (no file access): id, name, style prompt, backbone, family, created."""
+        return {"id": info.id, "name": info.name, "style_prompt": info.style_prompt, "backbone": info.backbone,
+                "family": info.family, "created": info.created}
+
+    @classmethod
+    def summary(cls, info: TemplateInfo) -> dict:
+        """A template as a listing shows it (a gallery tile): :meth:`brief` plus its tile picture
+        (``thumbnail``: the thumbnail, else its last preview or first reference; None without pictures),
+        ``imported``, ``round`` and ``parent``. Built field by field from the checked template.json."""
+        picture = info.thumbnail or (info.previews or [None])[-1] or (info.references or [None])[0]
+        return {**cls.brief(info), "thumbnail": str(picture) if picture else None,
+                "imported": bool(info.meta.get("imported")), "round": template_round(info.meta),
+                "parent": info.meta.get("parent")}
+
+    def templates(self, query: str | None = None, offset: int | None = 0, limit: int | None = None) -> dict:
+        """One page of templates, newest first; ``query`` filters by name and style prompt.
+
+        Returns ``{"templates": [summary], "total": matches in all, "offset", "limit"}``; ``limit``
+        defaults to :data:`studio.templates.DEFAULT_PAGE_SIZE` (at most ``MAX_PAGE_SIZE``). A template's
+        details (previews, references, lineage...): :meth:`template`.
+        """
+        query = text(query, "search text", optional=True)
+        page = self.store.page((query or "").strip() or None, offset, limit)
+        return {"templates": [self.summary(t) for t in page.items], "total": page.total, "offset": page.offset,
+                "limit": page.limit}
+
+    def template_list(self, query: str | None = None) -> list[dict]:
+        """Every template as :meth:`brief` (for pickers and name checks), newest first."""
+        return [self.brief(t) for t in self.store.list((query or "").strip() or None)]
 
     def template(self, template_id: str) -> dict:
+        """One template in full (:meth:`describe`)."""
         return self.describe(self.store.get(template_id))
 
     def rename(self, template_id: str, name: str) -> dict:
-        return self.describe(self.store.rename(template_id, name))
+        """Rename a template; returns it."""
+        return self.describe(self.store.rename(template_id, text(name, "template name", optional=True)))
 
     def delete(self, template_id: str) -> dict:
         """Delete a template for good; returns {"deleted": id}."""
@@ -179,7 +214,7 @@ class StudioAPI:
     def export(self, template_id: str, fmt: str = "zip") -> Path:
         """Write a template as ``zip`` (the whole folder), ``safetensors`` (diffusers keys) or
         ``comfy`` (kohya/ComfyUI keys) into a fresh download folder; returns the file."""
-        method = EXPORT_FORMATS.get((fmt or "zip").strip().lower().lstrip("."))
+        method = EXPORT_FORMATS.get((text(fmt, "export format", optional=True) or "zip").strip().lower().lstrip("."))
         if method is None:
             raise InputError(f"unknown export format {fmt!r}: use zip, safetensors or comfy")
         self._prune_exports()
@@ -201,12 +236,14 @@ class StudioAPI:
         paths = _as_paths(file)
         if len(paths) != 1:
             raise InputError("choose one .zip or .safetensors file to import")
+        name = text(name, "template name", optional=True)
         return self.describe(self.store.import_file(Path(paths[0]), name=(name or "").strip() or None))
 
     def import_hub(self, repo_id: str, token: str | None = None, name: str | None = None) -> dict:
         """Import a LoRA from a Hugging Face model repo (``user/name``)."""
         from . import hub
 
+        name = text(name, "template name", optional=True)
         return self.describe(hub.import_from_hub(self.store, repo_id, token, (name or "").strip() or None))
 
     def share(self, template_id: str, repo_id: str, token: str | None, private: bool = True) -> dict:
@@ -257,10 +294,12 @@ class StudioAPI:
         from .retrieval import DEFAULT_K
 
         paths = _as_paths([image] if isinstance(image, dict) else image)  # one file, as gradio_client sends it
+        k = strict_int(k, "k (how many results)", 1, MAX_RESULTS, optional=True) or DEFAULT_K
+        query = text(query, "search text", optional=True)
         if paths:
-            result = self.index.search_images(paths, k or DEFAULT_K)
+            result = self.index.search_images(paths, k)
         elif (query or "").strip():
-            result = self.index.search_text(query or "", k or DEFAULT_K)
+            result = self.index.search_text(query or "", k)
         else:
             raise InputError("give a text or an image to search for")
         return self._found(result)
@@ -273,15 +312,17 @@ class StudioAPI:
         """
         from .retrieval import SIMILAR_MIN, RetrievalUnavailable
 
-        threshold = SIMILAR_MIN if min_similarity is None else float(min_similarity)
+        threshold = finite_float(min_similarity, "min_similarity", -1.0, 1.0, optional=True)
+        threshold = SIMILAR_MIN if threshold is None else threshold
+        k = strict_int(k, "k (how many results)", 1, MAX_RESULTS, optional=True) or 3
         try:
-            result = self.index.search_images(_as_paths(images), k or 3, threshold)
+            result = self.index.search_images(_as_paths(images), k, threshold)
         except RetrievalUnavailable as exc:  # a passive suggestion: say why, do not fail
             return {"results": [], "mode": "unavailable", "note": str(exc)}
         return self._found(result)
 
     def _found(self, result) -> dict:
-        return {"results": [{**self.describe(h.template), "matched": h.matched,
+        return {"results": [{**self.summary(h.template), "matched": h.matched,
                              "similarity": None if h.similarity is None else round(h.similarity, 4),
                              "closest_image": str(h.closest) if h.closest else None}
                             for h in result.hits],
@@ -308,26 +349,24 @@ class StudioAPI:
         prompt, which becomes its caption in round 2. Returns the files, in prompt order.
         """
         from . import refine
-        from .jobs import parse_generate_options
 
-        if not isinstance(options, dict | None):
-            raise InputError("options must be a JSON object, e.g. {\"seed\": 1}")
-        opts = dict(options or {})
-        unknown = sorted(set(opts) - {"seed", "offset", "steps", "lora_scale", "prompts"})
+        opts = json_object(options, "options", '{"seed": 1}')
+        unknown = sorted(str(k) for k in set(opts) - {"seed", "offset", "steps", "lora_scale", "prompts"})
         if unknown:
             raise InputError(f"unknown candidate option(s): {', '.join(unknown)}")
-        info = self.store.get((template_id or "").strip())
-        prompts = opts.get("prompts")
-        if isinstance(prompts, str):
-            prompts = prompts.splitlines()
-        prompts = [str(p).strip() for p in prompts or [] if str(p).strip()]
+        info = self.store.get((text(template_id, "template id", optional=True) or "").strip())
+        prompts = _prompt_list(opts.get("prompts"))
         if not prompts:
-            prompts = refine.candidate_prompts(int(n or refine.DEFAULT_CANDIDATES), int(opts.get("offset") or 0))
+            count = strict_int(n, "number of candidates", 1, refine.MAX_CANDIDATES, optional=True)
+            offset = strict_int(opts.get("offset"), "offset", 0, MAX_OFFSET, optional=True) or 0
+            prompts = refine.candidate_prompts(count or refine.DEFAULT_CANDIDATES, offset)
         elif not 1 <= len(prompts) <= refine.MAX_CANDIDATES:
             raise InputError(f"give 1 to {refine.MAX_CANDIDATES} candidate prompts")
-        seed, steps = int(opts.get("seed") or 0), opts.get("steps")
-        requests = [refine.candidate_options(p, seed + i, int(steps) if steps else None,
-                                             float(opts.get("lora_scale", 1.0))) for i, p in enumerate(prompts)]
+        seed = strict_int(opts.get("seed"), "seed", 0, MAX_SEED - refine.MAX_CANDIDATES, optional=True) or 0
+        steps = _default_if_zero(opts.get("steps"))  # the rest is checked with the generation options below
+        scale = opts.get("lora_scale", 1.0)
+        requests = [{**refine.candidate_options(p, seed + i, None, 1.0), "steps": steps, "lora_scale": scale}
+                    for i, p in enumerate(prompts)]
         for r in requests:  # every candidate is checked before the first one is queued
             parse_generate_options(r)
         jobs = [self._submit(info, r) for r in requests]
@@ -347,11 +386,9 @@ class StudioAPI:
         to the parent's recipe: steps, lr, seed, preview_every, ... (see studio.refine.RECIPE_OVERRIDES).
         The new template records its parent, its round and the synthetic images it learned from.
         """
-        if not isinstance(options, dict | None):
-            raise InputError("options must be a JSON object, e.g. {\"top_k\": 3}")
-        opts = dict(options or {})
+        opts = json_object(options, "options", '{"top_k": 3}')
         paths = _as_paths(images)
-        mode = (feedback or "").strip().lower() or ("human" if paths else "auto")
+        mode = (text(feedback, "feedback", optional=True) or "").strip().lower() or ("human" if paths else "auto")
         mode = {"favourites": "human", "favorites": "human", "manual": "human", "clip": "auto",
                 "automatic": "auto"}.get(mode, mode)
         if mode not in ("human", "auto"):
@@ -364,7 +401,7 @@ class StudioAPI:
         if mode == "auto":
             if paths:
                 raise InputError("automatic feedback picks its own images: send no images, or use feedback human")
-            return self.jobs.submit_refine(template_id, auto=auto, name=name, recipe=opts)
+            return self.jobs.submit_refine(template_id, auto=_auto_feedback(auto), name=name, recipe=opts)
         if auto:
             raise InputError(f"{', '.join(sorted(auto))}: only for automatic feedback")
         if not paths:
@@ -395,18 +432,18 @@ class StudioAPI:
         """
         from .generation import GenerateOptions
 
-        mode = _MODE_ALIASES.get((mode or "").strip().lower(), (mode or "").strip().lower() or "text-to-image")
+        mode = (text(mode, "mode", optional=True) or "").strip().lower()
+        mode = _MODE_ALIASES.get(mode, mode or "text-to-image")
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}: use {', '.join(MODES)}")
-        if not isinstance(options, dict | None):
-            raise InputError("options must be a JSON object")
-        opts = dict(options or {})
+        opts = json_object(options, "options", '{"seed": 1, "steps": 20}')
         extra = {k: opts.pop(k) for k in list(opts) if k in MODE_KEYS[mode]}
         known = {f.name for f in fields(GenerateOptions)} - {"prompt"}
-        unknown = sorted(set(opts) - known)
+        unknown = sorted(str(k) for k in set(opts) - known)
         if unknown:
             raise InputError(f"unknown option(s) for {mode}: {', '.join(unknown)}")
-        template_id = (template_id or "").strip() or None
+        prompt = text(prompt, "prompt", optional=True) or ""
+        template_id = (text(template_id, "template id", optional=True) or "").strip() or None
         info = self.store.get(template_id) if template_id else None
         say = progress or (lambda _msg: None)
         if mode == "multi-panel":
@@ -451,43 +488,32 @@ class StudioAPI:
 
     def _multi_panel(self, info: TemplateInfo | None, prompt: str, opts: dict, extra: dict,
                      say: Callable[[str], None]) -> list[Path]:
-        if extra.get("single_shot"):
+        if boolean(extra.get("single_shot"), "single_shot", optional=True):
             return self._single_shot(info, prompt, opts, say)
-        panels = extra.get("panels")
-        if isinstance(panels, str):
-            panels = [line for line in panels.splitlines() if line.strip()]
-        if not panels and prompt:
-            panels = [line for line in str(prompt).splitlines() if line.strip()]
-        panels = list(panels or [])
-        if not 2 <= len(panels) <= compose.MAX_PANELS:
-            raise InputError(f"a comic page needs 2 to {compose.MAX_PANELS} panel prompts, one per line "
-                             f"(got {len(panels)})")
-        prompts, captions = [], []
-        for panel in panels:
-            if isinstance(panel, dict):
-                text, caption = panel.get("prompt") or "", panel.get("caption") or ""
-            else:  # "prompt | caption" on one line
-                text, _, caption = str(panel).partition("|")
-            prompts.append(text.strip())
-            captions.append(caption.strip())
+        prompts, captions = _panels(extra.get("panels"), prompt)
         given = extra.get("captions")
-        if isinstance(given, list):
-            captions = [str(c or "") for c in given]
+        if isinstance(given, list | tuple):
+            captions = list(given)
         elif given is False:
             captions = []
-        layout = str(extra.get("layout") or "auto")
-        compose.parse_layout(layout, len(prompts))  # bad layouts fail before any GPU work
-        for i, text in enumerate(prompts):
-            if not text:
-                raise InputError(f"panel {i + 1} has no prompt")
+        elif given is not None:
+            raise InputError("captions must be a list of texts (one per panel) or false for none")
+        layout = text(extra.get("layout"), "layout", optional=True) or "auto"
+        compose.parse_layout(layout, len(prompts))
+        gutter, border = compose.check_frame(extra.get("gutter", 16), extra.get("border", 4))
+        captions = [compose.check_caption(c, "panel caption") for c in captions]
+        if captions and len(captions) != len(prompts):
+            raise InputError(f"give one caption per panel ({len(prompts)}), or none")
         # One job per panel, all with the same seed: a shared starting noise keeps panels alike.
         base = {**opts, "num_images": 1}
-        jobs = [self._submit(info, {**base, "prompt": text}) for text in prompts]
+        requests = [{**base, "prompt": p} for p in prompts]
+        for request in requests:  # every panel is checked before the first one is queued
+            parse_generate_options(request)
+        jobs = [self._submit(info, r) for r in requests]
         statuses = self._wait(jobs, say)
         files = [s["outputs"][0] for s in statuses]
         say("laying out the page")
-        page = compose.compose_panels([Image.open(f) for f in files], layout,
-                                      gutter=int(extra.get("gutter", 16)), border=int(extra.get("border", 4)),
+        page = compose.compose_panels([Image.open(f) for f in files], layout, gutter=gutter, border=border,
                                       captions=captions or None)
         panel_params = [read_png_params(f) for f in files]
         params = {**panel_params[0], "mode": "multi-panel", "layout": layout, "panels": panel_params,
@@ -502,24 +528,28 @@ class StudioAPI:
             raise InputError("single-shot multi-panel needs a template trained on a multi-panel reference")
         with Image.open(info.references[0]) as ref:
             size = ref.size
-        resolution = opts.get("resolution") or (info.meta.get("recipe") or {}).get("resolution") or max(size)
-        width, height = compose.reference_aspect(size, int(resolution))
+        resolution = (strict_int(opts.get("resolution"), "resolution", MIN_RESOLUTION, MAX_RESOLUTION, optional=True)
+                      or stored_resolution(info.meta, f"template {info.name!r}")
+                      or min(max(size), MAX_RESOLUTION))
+        width, height = compose.reference_aspect(size, resolution)
         job = self._submit(info, {**opts, "prompt": prompt, "width": width, "height": height})
         return [Path(p) for p in self._wait([job], say)[0]["outputs"]]
 
     def _meme(self, info: TemplateInfo | None, prompt: str, opts: dict, extra: dict,
               say: Callable[[str], None]) -> list[Path]:
-        top, bottom = str(extra.get("top") or "").strip(), str(extra.get("bottom") or "").strip()
-        style = str(extra.get("meme_style") or "classic").lower()
+        # Captions, fonts and the style are checked before any GPU work.
+        top = compose.check_caption(extra.get("top"), "top caption")
+        bottom = compose.check_caption(extra.get("bottom"), "bottom caption")
+        style = (text(extra.get("meme_style"), "meme_style", optional=True) or "classic").lower()
         if style not in ("classic", "typography"):
             raise InputError("meme_style must be 'classic' (captions on top) or 'typography' (text drawn by the model)")
         if not top and not bottom:
             raise InputError("a meme needs a top or a bottom caption")
         if style == "typography":
-            text = " ".join(t for t in (top, bottom) if t).replace('"', "'")
-            job = self._submit(info, {**opts, "prompt": f'{(prompt or "").strip()} with the text "{text}"'})
+            words = " ".join(t for t in (top, bottom) if t).replace('"', "'")
+            job = self._submit(info, {**opts, "prompt": f'{(prompt or "").strip()} with the text "{words}"'})
             return [Path(p) for p in self._wait([job], say)[0]["outputs"]]
-        for caption in (top, bottom):  # font coverage / length problems before any GPU work
+        for caption in (top, bottom):
             if caption:
                 compose.font_for(caption.upper())
         job = self._submit(info, {**opts, "prompt": prompt})
@@ -542,3 +572,76 @@ class StudioAPI:
         path = folder / name
         save_png(image, path, {**defaults, **params, "width": image.width, "height": image.height})
         return path
+
+    def publish_result(self, job_id: str) -> dict:
+        """Save the kept result of a training whose template could not be saved (e.g. a full disk)
+        as a template, once there is room; returns the job's status (done, with its template_id)."""
+        self.jobs.publish_result(str(job_id or "").strip())
+        return self.job_status(str(job_id or "").strip())
+
+
+def _job_id(job_id: Any) -> str:
+    """A job id as sent by a client: a text (stripped); a number or a list gets a message."""
+    return (text(job_id, "job id", optional=True) or "").strip()
+
+
+def _default_if_zero(value: Any) -> Any:
+    """0 means "the default" (None) for step counts, as in the UI; anything else goes on to be checked."""
+    return None if value == 0 and not isinstance(value, bool) else value
+
+
+def _prompt_list(prompts: Any) -> list[str]:
+    """Candidate prompts: a list of texts or one text with a prompt per line; blanks dropped."""
+    if prompts is None:
+        return []
+    if isinstance(prompts, str):
+        prompts = prompts.splitlines()
+    if not isinstance(prompts, list | tuple) or not all(isinstance(p, str) for p in prompts):
+        raise InputError("prompts must be a list of texts (or one text, a prompt per line)")
+    return [p.strip() for p in prompts if p.strip()]
+
+
+def _panels(panels: Any, prompt: str) -> tuple[list[str], list[str]]:
+    """A comic page's panel prompts and captions from ``panels`` (a list of "prompt | caption" texts or
+    {prompt, caption} dicts, or one text with a panel per line; default: the prompt's lines)."""
+    if isinstance(panels, str):
+        panels = [line for line in panels.splitlines() if line.strip()]
+    if not panels and prompt:
+        panels = [line for line in prompt.splitlines() if line.strip()]
+    if panels is not None and not isinstance(panels, list | tuple):
+        raise InputError("panels must be a list of panel prompts (or one text with a panel per line)")
+    panels = list(panels or [])
+    if not 2 <= len(panels) <= compose.MAX_PANELS:
+        raise InputError(f"a comic page needs 2 to {compose.MAX_PANELS} panel prompts, one per line "
+                         f"(got {len(panels)})")
+    prompts, captions = [], []
+    for i, panel in enumerate(panels, 1):
+        if isinstance(panel, dict):
+            words, caption = panel.get("prompt") or "", panel.get("caption") or ""
+        elif isinstance(panel, str):  # "prompt | caption" on one line
+            words, _, caption = panel.partition("|")
+        else:
+            words, caption = None, None
+        if not isinstance(words, str) or not isinstance(caption, str):
+            raise InputError(f"panel {i} must be a text or a {{prompt, caption}} object with texts")
+        if not words.strip():
+            raise InputError(f"panel {i} has no prompt")
+        prompts.append(words.strip())
+        captions.append(caption.strip())
+    return prompts, captions
+
+
+def _auto_feedback(auto: dict) -> dict:
+    """Automatic-feedback options with their types and ranges checked before a job is queued."""
+    checks = {
+        "candidates": lambda v: strict_int(v, "candidates", 1, MAX_CANDIDATES, optional=True),
+        "top_k": lambda v: strict_int(v, "top_k", 1, MAX_CANDIDATES, optional=True),
+        "seed": lambda v: strict_int(v, "candidate_seed", 0, MAX_SEED - MAX_CANDIDATES, optional=True),
+        "steps": lambda v: strict_int(_default_if_zero(v), "candidate_steps", 1, MAX_SAMPLING_STEPS, optional=True),
+        "lora_scale": lambda v: finite_float(v, "lora_scale", -MAX_LORA_SCALE, MAX_LORA_SCALE, optional=True),
+        "style_metric": lambda v: v if v is None else text(
+            text(v, "style_metric").strip().lower(), "style_metric", choices=STYLE_METRICS),
+        "prompts": lambda v: _prompt_list(v) or None,
+    }
+    out = {k: checks[k](v) for k, v in auto.items()}
+    return {k: v for k, v in out.items() if v is not None}

@@ -29,6 +29,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
 from datetime import datetime, timezone
@@ -36,9 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from . import config
-from .backbones import resolve
+from .backbones import resolve_allowed
+from .checks import json_object, text
 from .errors import InputError, NotFoundError, StudioError
-from .generation import GenerateOptions, check_request
+from .generation import GenerateOptions, check_request, output_size
 from .images import load_reference_images, validate_name, validate_prompt
 from .queue_backend import PRIORITY, Queue, Settings
 from .recipe import Recipe
@@ -60,6 +62,7 @@ STALE_S = float(os.environ.get("STUDIO_STALE_S", "60"))
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _PREVIEW_RE = re.compile(r"^step_(\d+)_p(\d+)\.png$")
 _record_lock = threading.Lock()  # read-modify-write of records inside one process
+RECORD_CACHE_SIZE = int(os.environ.get("STUDIO_RECORD_CACHE", "2000"))  # job records kept in memory per process
 
 
 def now_iso() -> str:
@@ -94,6 +97,47 @@ def worker_dead(worker: dict | None, stale_s: float = STALE_S) -> bool:
     return time.time() - float(worker.get("heartbeat") or 0) > stale_s
 
 
+class RecordCache:
+    """The job records a process read, by job id, with the file identity (inode, mtime, size) they were read at.
+
+    Bounded: the least recently used records go beyond ``max_entries``, and :meth:`Jobs._records`
+    drops those of deleted job folders, so a web app that runs for months and lists thousands of
+    jobs keeps a fixed amount of them in memory. Thread-safe (the web app serves polls in threads).
+    """
+
+    def __init__(self, max_entries: int = RECORD_CACHE_SIZE):
+        self.max_entries = max(1, int(max_entries))
+        self._entries: OrderedDict[str, tuple[tuple[int, int, int], dict]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, job_id: str) -> tuple[tuple[int, int, int], dict] | None:
+        with self._lock:
+            entry = self._entries.get(job_id)
+            if entry is not None:
+                self._entries.move_to_end(job_id)
+            return entry
+
+    def put(self, job_id: str, key: tuple[int, int, int], record: dict) -> None:
+        with self._lock:
+            self._entries[job_id] = (key, record)
+            self._entries.move_to_end(job_id)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def discard(self, job_id: str) -> None:
+        with self._lock:
+            self._entries.pop(job_id, None)
+
+    def retain(self, job_ids: set[str]) -> None:
+        """Forget every record whose job is not in ``job_ids`` (its folder was deleted)."""
+        with self._lock:
+            for job_id in [j for j in self._entries if j not in job_ids]:
+                del self._entries[job_id]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class Jobs:
     """Job records on the data folder plus the queue their workers pull from.
 
@@ -108,7 +152,20 @@ class Jobs:
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.store = TemplateStore(self.settings.store_dir)
         self.queue = Queue(self.settings)
-        self._cache: dict[str, tuple[tuple[int, int, int], dict]] = {}  # job_id -> (file identity, record)
+        self._cache = RecordCache()
+        if self.queue.rebuilt:
+            self._refill_queue()
+
+    def _refill_queue(self) -> None:
+        """The queue file was damaged and replaced by an empty one: the job folders are the truth, so send
+        every queued job again and re-queue the running ones whose worker is gone (:meth:`reconcile`)."""
+        try:
+            done = self.reconcile()
+        except Exception:  # the supervisor and the workers reconcile again shortly
+            log.exception("could not refill the job queue from the job records")
+            return
+        log.warning("refilled the job queue from the job records: %d sent again, %d re-queued, %d failed",
+                    len(done["resent"]), len(done["requeued"]), len(done["failed"]))
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -120,10 +177,10 @@ class Jobs:
         and the normalised references are stored in the job folder, so the uploaded files may
         vanish afterwards. Returns the job id.
         """
-        style = validate_prompt(style_prompt)
-        name = validate_name(name or style[:60])
+        style = validate_prompt(text(style_prompt, "style prompt", optional=True))
+        name = validate_name(text(name, "template name", optional=True) or style[:60])
         recipe_obj = parse_recipe(recipe)
-        spec = resolve(backbone or config.default_backbone())
+        spec = resolve_allowed(text(backbone, "backbone", optional=True, max_chars=1000) or config.default_backbone())
         loaded = load_reference_images(list(images or []))
         captions = parse_captions(captions, len(loaded))
 
@@ -157,7 +214,7 @@ class Jobs:
 
         plan = refine.plan_refinement(self.store, template_id, images=images, captions=captions, auto=auto,
                                       name=name, recipe=recipe)
-        spec = resolve(plan.parent.backbone or config.default_backbone())
+        spec = resolve_allowed(plan.parent.backbone or config.default_backbone())
         job_id = self._new_id("refine")
         run_dir = self.job_dir(job_id)
         try:
@@ -188,8 +245,9 @@ class Jobs:
         once with a message instead of in the worker. Returns the job id.
         """
         opts = parse_generate_options(options)
-        template = self.store.get(template_id) if template_id else None
-        spec = resolve(backbone or (template.backbone if template and template.backbone else None)
+        template = self.store.get(text(template_id, "template id")) if template_id else None
+        backbone = text(backbone, "backbone", optional=True, max_chars=1000)
+        spec = resolve_allowed(backbone or (template.backbone if template and template.backbone else None)
                        or config.default_backbone())
         if template is not None and template.family and template.family != spec.family:
             raise InputError(f"template {template.name!r} was trained for {template.family.upper()}; "
@@ -202,6 +260,7 @@ class Jobs:
                 raise InputError(f"cannot mix in {entry['template']!r}: {exc}") from None
             mix.append((info.path, info.meta, entry["scale"]))
         check_request(opts, (template.path, template.meta) if template else None, mix, spec.family)
+        output_size(opts, spec.default_resolution, template.meta if template else None)  # size and pixel budget
         job_id = self._new_id("generate")
         self.job_dir(job_id).mkdir(parents=True)
         record = self._new_record(job_id, "generate", spec.backbone_id,
@@ -278,6 +337,40 @@ class Jobs:
             self.update(job_id, lambda r: _cancelled(r, "cancelled before it started")
                         if r["state"] == QUEUED and r["token"] == record["token"] else None)
             self.queue.release(job_id, record["token"])
+        return self.status(job_id)
+
+    def publish_result(self, job_id: str) -> dict:
+        """Save a finished training's kept result (``<runs>/<id>/result``) as a template, later.
+
+        For a training whose last step, saving the template, failed (a full disk, a read-only
+        store): the job failed saying its result is kept. Once there is room, this publishes it
+        (once: a template already made from this job is found, not copied again) and marks the
+        job done. Returns the job's status; InputError / NotFoundError when there is nothing to publish.
+        """
+        from .training import publish_run
+
+        record = self.read(job_id, fresh=True)
+        if record["kind"] != "train":
+            raise InputError(f"job {job_id} is a {record['kind']} job; only trainings have a template to save")
+        if record["state"] == DONE:
+            return self.status(job_id)
+        if record["state"] != FAILED:
+            raise InputError(f"job {job_id} is {record['state']}; only a training that failed while saving "
+                             "its template can be published this way")
+        result = self.job_dir(job_id) / "result"
+        if not (result / "template.json").is_file():
+            raise NotFoundError(f"job {job_id} has no finished result to save (it failed before its training "
+                                "finished); train again instead")
+        info = publish_run(self.store, result, record["name"], job_id)
+
+        def published(r: dict) -> dict | None:
+            if r["state"] != FAILED:
+                return None
+            return {**r, "state": DONE, "template_id": info.id, "error": None,
+                    "message": f"saved as template {info.name!r} (published after the job)"}
+
+        self.update(job_id, published)
+        log.info("job %s: kept result published as template %s", job_id, info.id)
         return self.status(job_id)
 
     # -- recovery ------------------------------------------------------------------------------
@@ -385,10 +478,12 @@ class Jobs:
                 return cached[1]
             record = json.loads(path.read_text())
         except FileNotFoundError:
+            self._cache.discard(job_id)
             raise NotFoundError(f"no job {job_id!r}") from None
         except (OSError, ValueError) as exc:
+            self._cache.discard(job_id)
             raise NotFoundError(f"job {job_id!r} has an unreadable record: {exc}") from None
-        self._cache[job_id] = (key, record)
+        self._cache.put(job_id, key, record)
         return record
 
     def update(self, job_id: str, change: Callable[[dict], dict | None] | dict[str, Any]) -> dict | None:
@@ -411,6 +506,8 @@ class Jobs:
             entries = list(os.scandir(self.runs_dir))
         except FileNotFoundError:
             return out
+        names = {entry.name for entry in entries}
+        self._cache.retain(names)  # deleted job folders: their records leave the cache too
         for entry in entries:
             if entry.name.startswith(".") or not _ID_RE.match(entry.name):
                 continue
@@ -499,10 +596,14 @@ class Jobs:
 
 
 def parse_recipe(recipe: dict | None) -> Recipe:
-    """A validated Recipe from a UI/CLI dict (Recipe fields, plus an optional ``preset``)."""
-    data = dict(recipe or {})
-    preset = data.pop("preset", None) or "paper"
-    unknown = sorted(set(data) - {f.name for f in fields(Recipe)})
+    """A validated Recipe from a UI/CLI dict (Recipe fields, plus an optional ``preset``).
+
+    Anything but a dict (a list, a string) is refused: ignoring it would silently train the defaults.
+    """
+    data = json_object(recipe, "the training options (recipe)", '{"preset": "quick", "steps": 100}')
+    preset = data.pop("preset", None)
+    preset = "paper" if preset is None or preset == "" else preset
+    unknown = sorted(str(k) for k in set(data) - {f.name for f in fields(Recipe)})
     if unknown:
         raise InputError(f"unknown recipe setting(s): {', '.join(unknown)}")
     try:
@@ -515,6 +616,8 @@ def parse_captions(captions: list[str | None] | None, n_images: int) -> list[str
     """One optional content caption per image (blank means none), or None."""
     if not captions:
         return None
+    if not isinstance(captions, list | tuple) or not all(isinstance(c, str | None) for c in captions):
+        raise InputError("captions must be a list of texts, one per image (blank for none)")
     if len(captions) != n_images:
         raise InputError(f"give one caption per image ({n_images}), or none")
     out = [validate_prompt(c, "caption") if isinstance(c, str) and c.strip() else None for c in captions]
@@ -522,11 +625,12 @@ def parse_captions(captions: list[str | None] | None, n_images: int) -> list[str
 
 
 def parse_generate_options(options: dict) -> GenerateOptions:
-    """Validated GenerateOptions from a dict of its fields."""
-    data = dict(options or {})
-    unknown = sorted(set(data) - {f.name for f in fields(GenerateOptions)})
+    """Validated GenerateOptions from a dict of its fields (anything but a dict is refused)."""
+    data = json_object(options, "generation options", '{"prompt": "a cat", "seed": 1}')
+    unknown = sorted(str(k) for k in set(data) - {f.name for f in fields(GenerateOptions)})
     if unknown:
         raise InputError(f"unknown generation option(s): {', '.join(unknown)}")
+    data.setdefault("prompt", "")  # a missing prompt gets the "prompt is empty" message
     try:
         return GenerateOptions(**data).validate()
     except (TypeError, ValueError) as exc:

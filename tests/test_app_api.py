@@ -12,9 +12,9 @@ from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
-ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/generate", "/export_template", "/import_template",
-             "/import_hub", "/rename_template", "/delete_template", "/share_template", "/search_templates",
-             "/similar_templates", "/template_scores", "/refine_candidates", "/refine"}
+ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/template", "/generate", "/export_template",
+             "/import_template", "/import_hub", "/rename_template", "/delete_template", "/share_template",
+             "/search_templates", "/similar_templates", "/template_scores", "/refine_candidates", "/refine"}
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 MAX_UPLOAD_MB = 2
 
@@ -72,11 +72,13 @@ def test_train_reports_progress_and_makes_a_template(client, template):
     assert template["total_steps"] == FAST["steps"] and len(template["losses"]) == FAST["steps"]
     assert [p["step"] for p in template["previews"]] == [0, 6, 12]  # step 0 = the base model
     assert template["template_id"] and template["queue_position"] is None and template["error"] is None
-    listed = client.predict(api_name="/templates")
+    listed = client.predict(api_name="/templates")["templates"]
     mine = next(t for t in listed if t["id"] == template["template_id"])
     assert mine["name"] == "Flat poster"  # suggested from the style prompt
-    assert mine["style_prompt"] == "flat poster" and mine["backbone"] == "tiny" and mine["previews"]
-    assert client.predict("poster", api_name="/templates") and not client.predict("zebra", api_name="/templates")
+    assert mine["style_prompt"] == "flat poster" and mine["backbone"] == "tiny" and mine["thumbnail"]
+    assert client.predict(mine["id"], api_name="/template")["previews"]
+    assert client.predict("poster", api_name="/templates")["total"] >= 1
+    assert client.predict("zebra", api_name="/templates") == {"templates": [], "total": 0, "offset": 0, "limit": 48}
 
 
 def test_generate_text_to_image_comic_and_meme(client, template):
@@ -115,7 +117,7 @@ def test_export_import_rename_delete(client, template, tmp_path):
     renamed = client.predict(imported["id"], "My copy", api_name="/rename_template")
     assert renamed["name"] == "My copy"
     assert client.predict(imported["id"], api_name="/delete_template") == {"deleted": imported["id"]}
-    assert imported["id"] not in {t["id"] for t in client.predict(api_name="/templates")}
+    assert imported["id"] not in {t["id"] for t in client.predict(api_name="/templates")["templates"]}
     assert "no template" in error_of(client, imported["id"], api_name="/delete_template")
 
 
@@ -155,7 +157,70 @@ def test_bad_inputs_get_clear_errors_and_the_app_keeps_serving(client, ref, tmp_
     assert "offline" in error_of(client, template["template_id"], "me/style", "hf_token", True,
                                  api_name="/share_template")
     # ...and it still serves
-    assert client.predict(api_name="/templates")
+    assert client.predict(api_name="/templates")["templates"]
+
+
+def test_a_poisoned_import_cannot_break_the_listing(client, template, tmp_path):
+    """An imported template.json with gradio file objects in its lineage (gradio_client downloads any
+    {"path", "meta": {"_type": "gradio.FileData"}} it gets, and the server refuses such a path) must not
+    make /templates and /search_templates fail for everyone: imports keep only the schema's fields."""
+    zipped = client.predict(template["template_id"], "zip", api_name="/export_template")
+    members = {n: zipfile.ZipFile(zipped).read(n) for n in zipfile.ZipFile(zipped).namelist()}
+    meta = json.loads(members["template.json"])
+    poison = {"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}, "orig_name": "hostname"}
+    meta.update(name="Poisoned poster", parent=template["template_id"], round=2, extra=poison,
+                previews=meta["previews"] + [poison],
+                refine={"mode": "human", "parent_name": "Flat poster",
+                        "synthetic": [poison, {**poison, "prompt": "a cat", "file": meta["references"][0]}]})
+    members["template.json"] = json.dumps(meta).encode()
+    bad = tmp_path / "poisoned.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    imported = client.predict(handle_file(str(bad)), api_name="/import_template")
+    assert imported["lineage"]["synthetic"] == [{"prompt": "a cat", "file": meta["references"][0],
+                                                  "image": imported["references"][0]}]
+    assert imported["id"] in {t["id"] for t in client.predict(api_name="/templates")["templates"]}
+    found = client.predict("poisoned", None, None, api_name="/search_templates")
+    assert found["results"][0]["id"] == imported["id"]
+    assert client.predict(imported["id"], api_name="/template")["round"] == 2
+    client.predict(imported["id"], api_name="/delete_template")
+
+
+def test_templates_come_in_pages(client, template):
+    everything = client.predict("", 0, 200, api_name="/templates")
+    assert everything["total"] == len(everything["templates"]) >= 1 and everything["limit"] == 200
+    one = client.predict("", everything["total"] - 1, 1, api_name="/templates")
+    assert one["templates"] == everything["templates"][-1:] and one["total"] == everything["total"]
+    assert "whole number" in error_of(client, "", -1, None, api_name="/templates")
+
+
+def test_train_refuses_a_backbone_the_operator_did_not_allow(client, ref, tiny_folder):
+    for backbone in ("someone/any-model", str(tiny_folder)):
+        message = error_of(client, [handle_file(ref)], "style", "", {**FAST, "backbone": backbone}, api_name="/train")
+        assert "is not allowed here" in message
+
+
+def test_bad_values_are_refused_at_the_door(client, ref):
+    """Options that are not an object are refused, not ignored (that ran the defaults); a bool is not a
+    number; sizes and seeds out of range never reach the worker (tests/test_validation.py has the full table)."""
+    for options in (["steps", 2], "steps=2"):
+        assert "options must be a JSON object" in error_of(client, "", "a cat", "text-to-image", options,
+                                                           api_name="/generate")
+        assert "options must be a JSON object" in error_of(client, [handle_file(ref)], "style", "", options,
+                                                           api_name="/train")
+    assert "LoRA rank must be a whole number" in error_of(client, [handle_file(ref)], "style", "",
+                                                          {**FAST, "rank": True}, api_name="/train")
+    assert "width must be a multiple of 16 from 32 to 2048" in error_of(
+        client, "", "a cat", "text-to-image", {"width": 33, "steps": 1}, api_name="/generate")
+    assert "seed must be a whole number" in error_of(client, "", "a cat", "text-to-image",
+                                                     {"seed": 2**70, "steps": 1}, api_name="/generate")
+    assert "gutter (px) must be a whole number" in error_of(
+        client, "", "", "multi-panel", {"panels": ["a cat", "a dog"], "gutter": 10**9, "steps": 1},
+        api_name="/generate")
+    assert "top caption is too long" in error_of(client, "", "a cat", "meme", {"top": "x" * 400, "steps": 1},
+                                                 api_name="/generate")
+    assert client.predict(api_name="/templates") is not None  # still serving
 
 
 # -- the pure helpers behind the page (no server needed) ------------------------------------------
@@ -201,3 +266,33 @@ def test_a_template_without_pictures_still_gets_a_tile():
     with Image.open(items[0][0]) as card:
         assert card.size == (384, 384) and len(set(card.convert("L").getdata())) > 2  # text was drawn
     assert present.tile_image(bare) == items[0][0]  # made once, reused
+
+
+def test_the_gallery_shows_a_page_at_a_time(tmp_path):
+    """A big store is shown a page of tiles at a time, with newer / older buttons (no browser needed)."""
+    import gradio as gr
+    from test_templates import write_templates
+
+    from studio.api import StudioAPI
+    from studio.jobs import Jobs
+    from studio.ui import gallery_tab
+
+    jobs = Jobs(tmp_path / "data")
+    write_templates(jobs.store, 60)
+    with gr.Blocks():
+        ui = gallery_tab.build(StudioAPI(jobs))
+    refresh, _, outputs = ui.refresh
+
+    def shown(offset):
+        out = dict(zip(outputs, refresh("", "", None, offset), strict=True))
+        return (out[ui.ids], out[ui.offset], out[ui.pager].visible, out[ui.prev_page].interactive,
+                out[ui.next_page].interactive, out[ui.page_label])
+
+    size = gallery_tab.PAGE_SIZE
+    ids, offset, visible, newer, older, label = shown(0)
+    assert ids == [f"t{i:03d}" for i in range(59, 59 - size, -1)] and offset == 0
+    assert visible and not newer and older and label == f"1–{size} of 60"
+    ids, offset, _, newer, older, label = shown(2 * size)
+    assert ids[-1] == "t000" and offset == 2 * size and newer and not older and label.endswith("of 60")
+    assert shown(1000)[1] == 2 * size  # past the end (templates were deleted): the last page
+    jobs.queue.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gradio as gr
 
 from ..api import StudioAPI
-from . import endpoints, gallery_tab, generate_tab, present, train_tab
+from . import endpoints, gallery_tab, generate_tab, present, served, train_tab
 from .common import demo_notice
 
 
@@ -28,7 +28,7 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
                 generate = generate_tab.build(api)
 
         def choices(selected=None):
-            templates = api.templates()
+            templates = api.template_list()
             ids = {t["id"] for t in templates}
             if selected in ids:
                 return gr.Dropdown(choices=present.template_choices(templates), value=selected)
@@ -70,6 +70,9 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
 
         demo.load(on_load, [train.job, gallery.search, gallery.selected],
                   train.reattach[2] + gallery.refresh[2] + [generate.template], api_visibility="private")
+    # Pictures and files from the data folders reach the browser as copies in Gradio's cache; the folders
+    # themselves (job records, requests, the queue, logs) are never served.
+    served.serve_copies(demo, [api.jobs.runs_dir, api.store.root])
     return demo
 
 
