@@ -7,7 +7,7 @@
 
 With no GPU or no model weights it runs on the tiny offline demo backbone and says so on the
 page. The web process only queues jobs and reads their progress; the GPU worker (a child
-process, see studio.worker) trains and generates, so closing or reloading the page never
+process, see studio.jobs.worker) trains and generates, so closing or reloading the page never
 stops a training.
 """
 
@@ -81,12 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["STUDIO_DATA"] = args.data
     auth = parse_auth(args.auth)
 
-    from studio import config
-    from studio.backbones import resolve
+    from studio.engine.backbones import default_backbone, resolve
     from studio.errors import StudioError
 
     try:
-        backbone = resolve(args.backbone or config.default_backbone()).backbone_id
+        backbone = resolve(args.backbone or default_backbone()).backbone_id
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -96,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     from starlette.middleware import Middleware
 
     from studio.api import StudioAPI
-    from studio.jobs import Jobs
+    from studio.jobs.jobs import Jobs
+    from studio.jobs.worker import Supervisor
     from studio.ui import build_demo
     from studio.ui.auth import LoginThrottle, login_note
     from studio.ui.common import CSS
-    from studio.worker import Supervisor
 
     try:
         jobs = Jobs()  # opens the queue: a damaged SQLite queue file is set aside and refilled from the job records

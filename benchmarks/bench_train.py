@@ -8,10 +8,10 @@ For each memory tier and resolution it prints, measured side by side in one run:
     1000-step grid and looked up with ``nonzero()``, loss read with ``.item()`` every micro-step,
     AdamW + gradient clipping, LoRA weights in the model's dtype; same LoRA targets, rank and size;
   - the smallest loop that trains the same LoRA (cached inputs, no logging): a lower bound;
-  - the studio trainer (``studio.training.train``), and with ``--compile`` the same with each
+  - the studio trainer (``studio.engine.training.train``), and with ``--compile`` the same with each
     transformer block compiled (``torch.compile``, regional);
   - the diffusers-style loop again, to expose drift (thermal, clocks, caches);
-  the ratio to the diffusers-style loop, the expected peak from ``studio.memory``, and the
+  the ratio to the diffusers-style loop, the expected peak from ``studio.engine.memory``, and the
   arithmetic floor: FLOPs per optimiser step (counted with ``torch.utils.flop_counter`` on the
   real model) divided by the measured matmul rate of this device;
 * the paper's recipe wall time (300 steps x 4, plus the previews the studio renders);
@@ -53,16 +53,11 @@ import torch.nn.functional as F  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from studio import memory  # noqa: E402
-from studio.errors import InsufficientMemoryError  # noqa: E402
-from studio.memory import (  # noqa: E402,F401  (re-exported: the configs used to live here)
-    FLUX_DEV_TRANSFORMER,
-    SD35_LARGE_TRANSFORMER,
-    SD35_MEDIUM_TRANSFORMER,
-    VAE_16CH,
-)
-from studio.recipe import Recipe  # noqa: E402
-from studio.training import Observer, TrainRequest, prepare_run, preview_prompts, train  # noqa: E402
+from studio.engine import memory
+from studio.engine.memory import FLUX_DEV_TRANSFORMER, SD35_LARGE_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, VAE_16CH
+from studio.engine.recipe import Recipe
+from studio.engine.training import Observer, TrainRequest, prepare_run, preview_prompts, train
+from studio.errors import InsufficientMemoryError
 
 PAPER_STEPS, PAPER_PREVIEW_EVERY = 300, 50
 
@@ -82,7 +77,7 @@ def build_random_pipeline(arch: str, folder: Path, smoke: bool = False) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from studio.backbones.tiny import build_clip_tokenizer, build_t5_tokenizer  # built locally, no download
+    from studio.engine.backbones.tiny import build_clip_tokenizer, build_t5_tokenizer
 
     torch.manual_seed(0)
     tok, tok2 = build_clip_tokenizer(), build_t5_tokenizer()
@@ -243,7 +238,7 @@ def diffusers_style_loop(backbone, image: Image.Image, prompt: str, recipe: Reci
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    from studio.backbones.flux import unpack
+    from studio.engine.backbones.flux import unpack
 
     transformer, device, family = backbone.transformer, backbone.device, backbone.family
     cond = backbone.encode_prompts([prompt])[0]
@@ -339,7 +334,7 @@ def step_flops(backbone, image: Image.Image, prompt: str, recipe: Recipe) -> int
     checkpointing recompute when it is on), counted on the real model, times the accumulation."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from studio.training import flow_matching_loss
+    from studio.engine.training import flow_matching_loss
 
     cond = backbone.encode_prompts([prompt])[0]
     latent = backbone.encode_images([image])[0]
@@ -369,7 +364,7 @@ def forward_flops(backbone, cond, negative, size: int) -> int:
 
 def generation_bench(backbone, size: int, steps: int, reps: int, lora_dirs: list[Path], reload) -> dict:
     """Seconds per image at ``steps`` on the warm pipeline, and LoRA swap times."""
-    from studio.generation import activate_templates
+    from studio.engine.generation import activate_templates
 
     device = backbone.device
     cond = backbone.encode_prompts(["a wood cabin in watercolor painting style"])[0]
@@ -475,9 +470,9 @@ def main() -> None:
                         help="one block per kind, short text, small image: check the full-size code paths on a CPU")
     args = parser.parse_args()
 
-    from studio.backbones import load_backbone
-    from studio.backbones.flux import FluxBackbone
-    from studio.backbones.sd3 import SD3Backbone
+    from studio.engine.backbones import load_backbone
+    from studio.engine.backbones.flux import FluxBackbone
+    from studio.engine.backbones.sd3 import SD3Backbone
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -485,7 +480,7 @@ def main() -> None:
     tiers = (args.tier or ("bf16,int8,nf4" if on_gpu else "bf16")).split(",")
     if args.arch == "tiny":
         sizes = [int(r) for r in (args.resolution or "64").split(",")]
-        from studio.backbones.tiny import ensure_tiny_flux
+        from studio.engine.backbones.tiny import ensure_tiny_flux
 
         steps, reps, folder = args.steps or 30, args.gen_reps or 5, None
         arch_name = str(ensure_tiny_flux())
@@ -542,7 +537,7 @@ def main() -> None:
                   f"{steps} timed steps (median of each loop)\n")
             where = ("GPU memory, text encoders on the CPU" if plan.offload_text_encoders else "GPU memory"
                      ) if plan.on_gpu else "host memory"
-            print(f"expected peak (studio.memory): {plan.peak_bytes / 2**30:.2f} GiB {where}; "
+            print(f"expected peak (studio.engine.memory): {plan.peak_bytes / 2**30:.2f} GiB {where}; "
                   f"FLOPs per optimiser step {fmt_flops(flops)} -> floor {fmt_s(floor)} s\n")
             print("| loop | s / optimiser step | ratio to diffusers-style | x floor | peak GPU memory (GiB) |")
             print("|---|---|---|---|---|")

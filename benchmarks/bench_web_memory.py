@@ -41,8 +41,8 @@ def free_port() -> int:
 
 
 def make_jobs(data: Path, n: int = 3) -> list[str]:
-    from studio.jobs import Jobs
-    from studio.queue_backend import Settings
+    from studio.jobs.jobs import Jobs
+    from studio.jobs.queue import Settings
 
     jobs = Jobs(settings=Settings(runs_dir=data / "runs", store_dir=data / "templates_store",
                                   queue_file=data / "runs" / ".queue.sqlite3"))

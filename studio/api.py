@@ -1,9 +1,9 @@
 """The studio's actions as plain, JSON-friendly functions: what the web UI and ``gradio_client`` call.
 
-:class:`StudioAPI` wraps :class:`studio.jobs.Jobs` (training and generation run in the GPU
+:class:`StudioAPI` wraps :class:`studio.jobs.jobs.Jobs` (training and generation run in the GPU
 worker, never here) and the template store, and adds what only a front end needs: a name
 suggested from the style prompt, waiting for generation jobs, comic pages and memes composed
-from generated panels (:mod:`studio.compose`), exports into a download folder and Hub sharing.
+from generated panels (:mod:`studio.media.compose`), exports into a download folder and Hub sharing.
 
 Every user mistake raises :class:`studio.errors.StudioError` (mostly ``InputError``) with a
 message meant for the user; the UI turns it into ``gr.Error``. No Gradio here.
@@ -11,6 +11,7 @@ message meant for the user; the UI turns it into ``gr.Error``. No Gradio here.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -26,16 +27,19 @@ from typing import Any
 
 from PIL import Image
 
-from . import compose
-from .checks import MAX_SEED, boolean, finite_float, json_object, strict_int, text
-from .errors import InputError, StudioError
-from .generation import MAX_LORA_SCALE
-from .images import MAX_NAME_CHARS
-from .jobs import CANCELLED, DONE, FAILED, FINAL, Jobs, parse_generate_options
-from .noise_prior import PRIOR_FILE
-from .recipe import MAX_RESOLUTION, MAX_SAMPLING_STEPS, MIN_RESOLUTION, stored_resolution
-from .refine import MAX_CANDIDATES, STYLE_METRICS, describe_lineage, template_round
-from .templates import TemplateInfo
+from studio.checks import MAX_SEED, boolean, finite_float, json_object, strict_int, text
+from studio.engine.backbones import KNOWN_BACKBONES
+from studio.engine.generation import ASPECTS, MAX_LORA_SCALE
+from studio.engine.noise_prior import PRIOR_FILE
+from studio.engine.recipe import MAX_RESOLUTION, MAX_SAMPLING_STEPS, MIN_RESOLUTION, Recipe, stored_resolution
+from studio.engine.snr import sampler_for
+from studio.engine.training import preview_prompts
+from studio.errors import InputError, StudioError
+from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, Jobs, parse_generate_options
+from studio.media import compose
+from studio.media.images import MAX_NAME_CHARS
+from studio.store.templates import TemplateInfo
+from studio.styles.refine import MAX_CANDIDATES, STYLE_METRICS, describe_lineage, template_round
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,31 @@ GENERATE_TIMEOUT_S = 1800.0
 MAX_RESULTS = 100  # search results per query
 MAX_OFFSET = 10_000  # refine_candidates' "offset" along the prompt list
 EXPORT_MAX_AGE_S = 3600.0
+
+
+def aspect_ratios() -> list[str]:
+    """The aspect ratios generation offers ("1:1", "3:4", ...)."""
+    return list(ASPECTS)
+
+
+def backbone_family(backbone_id: str | None) -> str:
+    """"flux" or "sd3" for a known backbone id; "flux" (the default family) for anything else."""
+    return KNOWN_BACKBONES.get(backbone_id or "", ("flux", ""))[0]
+
+
+def preview_prompts_of(recipe: dict | None) -> list[str]:
+    """The preview prompts a training with this recipe renders, in preview index order."""
+    return preview_prompts(Recipe.from_dict(recipe or {}))
+
+
+@functools.lru_cache(maxsize=32)
+def sampler_draws(name: str, family: str, mu: float | None, sigma: float | None, shift: float | None,
+                  n: int = 20_000) -> tuple[float, ...]:
+    """``n`` seeded draws of t from a training sampler (the engine's own), for plotting its density."""
+    import torch
+
+    sampler = sampler_for(name, family, mu, sigma, shift)
+    return tuple(sampler.sample(n, torch.Generator().manual_seed(0)).tolist())
 
 
 def suggest_name(style_prompt: str, taken: set[str] | None = None) -> str:
@@ -105,7 +134,7 @@ class StudioAPI:
         self.store = self.jobs.store
         self.backbone = backbone
         self.exports_dir = Path(tempfile.gettempdir()) / "studio-exports"
-        self._index = None  # the CLIP style index (studio.retrieval), made on the first search
+        self._index = None  # the CLIP style index (studio.styles.retrieval), made on the first search
 
     # -- training -----------------------------------------------------------------------------
 
@@ -161,7 +190,7 @@ class StudioAPI:
             "resolution": (meta.get("recipe") or {}).get("resolution"),
             # whether generation can start from the style's noise prior (trained with noise_prior)
             "noise_prior": (info.path / PRIOR_FILE).is_file(),
-            # refined templates (studio.refine): round 2+, the parent and the synthetic images picked
+            # refined templates (studio.styles.refine): round 2+, the parent and the synthetic images picked
             "round": template_round(meta), "parent": meta.get("parent"),
             "lineage": describe_lineage(meta, info.path),
         }
@@ -186,7 +215,7 @@ class StudioAPI:
         """One page of templates, newest first; ``query`` filters by name and style prompt.
 
         Returns ``{"templates": [summary], "total": matches in all, "offset", "limit"}``; ``limit``
-        defaults to :data:`studio.templates.DEFAULT_PAGE_SIZE` (at most ``MAX_PAGE_SIZE``). A template's
+        defaults to :data:`studio.store.templates.DEFAULT_PAGE_SIZE` (at most ``MAX_PAGE_SIZE``). A template's
         details (previews, references, lineage...): :meth:`template`.
         """
         query = text(query, "search text", optional=True)
@@ -241,14 +270,14 @@ class StudioAPI:
 
     def import_hub(self, repo_id: str, token: str | None = None, name: str | None = None) -> dict:
         """Import a LoRA from a Hugging Face model repo (``user/name``)."""
-        from . import hub
+        from studio.store import hub
 
         name = text(name, "template name", optional=True)
         return self.describe(hub.import_from_hub(self.store, repo_id, token, (name or "").strip() or None))
 
     def share(self, template_id: str, repo_id: str, token: str | None, private: bool = True) -> dict:
         """Upload a template with a model card to the Hub; returns {"url": ...}. The token is used once."""
-        from . import hub
+        from studio.store import hub
 
         return {"url": hub.share(self.store, template_id, repo_id, token, private=bool(private))}
 
@@ -256,10 +285,10 @@ class StudioAPI:
 
     @property
     def index(self):
-        """The CLIP style index over the store (:class:`studio.retrieval.StyleIndex`). Its models load on
+        """The CLIP style index over the store (:class:`studio.styles.retrieval.StyleIndex`). Its models load on
         the first search, in this process and on the CPU: searching must not wait behind a training."""
         if self._index is None:
-            from .retrieval import StyleIndex
+            from studio.styles.retrieval import StyleIndex
 
             self._index = StyleIndex(self.store)
         return self._index
@@ -291,7 +320,7 @@ class StudioAPI:
         most like the query)], "mode": "text" | "names" | "image", "note": ...}``. Without the metric models a
         text search matches names only ("names", the note says why) and an image search is an error that says why.
         """
-        from .retrieval import DEFAULT_K
+        from studio.styles.retrieval import DEFAULT_K
 
         paths = _as_paths([image] if isinstance(image, dict) else image)  # one file, as gradio_client sends it
         k = strict_int(k, "k (how many results)", 1, MAX_RESULTS, optional=True) or DEFAULT_K
@@ -307,10 +336,10 @@ class StudioAPI:
     def similar_templates(self, images: Any, k: int | None = None, min_similarity: float | None = None) -> dict:
         """The templates that look most like ``images`` (e.g. references about to be trained): "you may
         already have this style". Only those at least ``min_similarity`` alike (default
-        :data:`studio.retrieval.SIMILAR_MIN`), at most ``k`` (default 3), best first. Same shape as
+        :data:`studio.styles.retrieval.SIMILAR_MIN`), at most ``k`` (default 3), best first. Same shape as
         :meth:`search_templates`; without the metric models: no results, mode "unavailable" and the reason.
         """
-        from .retrieval import SIMILAR_MIN, RetrievalUnavailable
+        from studio.styles.retrieval import SIMILAR_MIN, RetrievalUnavailable
 
         threshold = finite_float(min_similarity, "min_similarity", -1.0, 1.0, optional=True)
         threshold = SIMILAR_MIN if threshold is None else threshold
@@ -332,11 +361,11 @@ class StudioAPI:
         """A template's style scores on its final previews (DINO and CLIP-I against its references,
         CLIP-T against the preview prompts), computed once and cached; or ``{"available": False,
         "reason": ...}`` (no metric models here, or nothing to score)."""
-        from .retrieval import template_scores
+        from studio.styles.retrieval import template_scores
 
         return template_scores(self.store, (template_id or "").strip(), self.index.scorer)
 
-    # -- refining: StyleDrop's second round with feedback (studio.refine) -----------------------
+    # -- refining: StyleDrop's second round with feedback (studio.styles.refine) -----------------------
 
     def refine_candidates(self, template_id: str, n: int | None = None, options: dict | None = None,
                           progress: Callable[[str], None] | None = None) -> list[Path]:
@@ -348,7 +377,7 @@ class StudioAPI:
         list), ``steps`` (denoising steps), ``lora_scale``, ``prompts``. Each PNG carries its content
         prompt, which becomes its caption in round 2. Returns the files, in prompt order.
         """
-        from . import refine
+        from studio.styles import refine
 
         opts = json_object(options, "options", '{"seed": 1}')
         unknown = sorted(str(k) for k in set(opts) - {"seed", "offset", "steps", "lora_scale", "prompts"})
@@ -383,7 +412,7 @@ class StudioAPI:
         score. ``options``: ``name`` (default "<parent> · round 2"), ``captions`` (human: one per image;
         default each PNG's own prompt), ``candidates`` (8), ``top_k`` (3), ``candidate_seed``,
         ``candidate_steps``, ``prompts``, ``style_metric`` (clip_i | dino), ``lora_scale``, and changes
-        to the parent's recipe: steps, lr, seed, preview_every, ... (see studio.refine.RECIPE_OVERRIDES).
+        to the parent's recipe: steps, lr, seed, preview_every, ... (see studio.styles.refine.RECIPE_OVERRIDES).
         The new template records its parent, its round and the synthetic images it learned from.
         """
         opts = json_object(options, "options", '{"top_k": 3}')
@@ -430,7 +459,7 @@ class StudioAPI:
         - ``noise_prior``: true starts from the template's style noise prior (templates trained
           with ``noise_prior``; see ``/templates``' ``noise_prior`` flag).
         """
-        from .generation import GenerateOptions
+        from studio.engine.generation import GenerateOptions
 
         mode = (text(mode, "mode", optional=True) or "").strip().lower()
         mode = _MODE_ALIASES.get(mode, mode or "text-to-image")
@@ -564,7 +593,7 @@ class StudioAPI:
 
     def _save(self, image: Image.Image, job_id: str, name: str, params: dict) -> Path:
         """Save a composed image into its job's folder, with the parameters in the PNG."""
-        from .generation import save_png
+        from studio.engine.generation import save_png
 
         folder = self.jobs.job_dir(job_id) / "composed"
         folder.mkdir(parents=True, exist_ok=True)

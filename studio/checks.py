@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from studio.errors import InputError
 
 # Seeds are unsigned 32-bit: every RNG in the stack (torch, numpy, the UI's random seed) accepts them.
 MAX_SEED = 2**32 - 1

@@ -7,7 +7,6 @@ pointing ``STUDIO_DATA`` at a shared folder and ``STUDIO_REDIS_URL`` at one Redi
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -49,37 +48,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STUDIO_CACHE", "~/.cache/style-studio")).expanduser().resolve()
 
 
-def default_backbone() -> str:
-    """The backbone used when a request names none (``STUDIO_BACKBONE``).
-
-    Without the variable: ``flux-dev`` on a machine with a CUDA GPU where its weights are
-    available, else the offline ``tiny`` demo model.
-    """
-    value = (os.environ.get("STUDIO_BACKBONE") or "").strip()
-    return value or _detected_backbone()
-
-
 def configured_backbones() -> list[str]:
     """Backbones the operator allows besides the registry's ids: ``STUDIO_BACKBONE`` (also set by
     ``app.py --backbone``) and ``STUDIO_BACKBONES`` (comma-separated diffusers folders or hub ids).
 
     Requests and imported templates may name only these and the registry's ids
-    (:func:`studio.backbones.resolve_allowed`).
+    (:func:`studio.engine.backbones.resolve_allowed`).
     """
     values = [os.environ.get("STUDIO_BACKBONE") or "", *(os.environ.get("STUDIO_BACKBONES") or "").split(",")]
     return list(dict.fromkeys(v.strip() for v in values if v.strip()))
-
-
-@functools.lru_cache(maxsize=1)
-def _detected_backbone() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return "tiny"
-    from .backbones import resolve
-    from .errors import StudioError
-
-    try:
-        return resolve("flux-dev").backbone_id
-    except StudioError:
-        return "tiny"

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import StudioError
+from studio.errors import StudioError
 
 MB = 1024 * 1024
 MARGIN_BYTES = 8 * MB  # file system overhead (blocks, directories, JSON files) on top of the estimate

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_folder() -> Path:
     """The tiny FLUX-architecture pipeline folder, built once per cache."""
-    from studio.backbones.tiny import ensure_tiny_flux
+    from studio.engine.backbones.tiny import ensure_tiny_flux
 
     return ensure_tiny_flux()
 
@@ -23,7 +23,7 @@ def tiny_folder() -> Path:
 @pytest.fixture(scope="session")
 def tiny_backbone(tiny_folder):
     """A warm tiny backbone shared by the tests that train or generate."""
-    from studio.backbones import load_backbone
+    from studio.engine.backbones import load_backbone
 
     return load_backbone("tiny")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.queue_backend import Settings
+from studio.jobs.queue import Settings
 
 BACKENDS = ["sqlite", "redis"]
 

@@ -274,7 +274,7 @@ def test_the_gallery_shows_a_page_at_a_time(tmp_path):
     from test_templates import write_templates
 
     from studio.api import StudioAPI
-    from studio.jobs import Jobs
+    from studio.jobs.jobs import Jobs
     from studio.ui import gallery_tab
 
     jobs = Jobs(tmp_path / "data")

@@ -9,10 +9,10 @@ import pytest
 from queue_helpers import make_settings, write_image
 from test_templates import build
 
-from studio import backbones
-from studio.backbones import KNOWN_BACKBONES, allowed_backbones, is_allowed, resolve_allowed
+from studio.engine import backbones
+from studio.engine.backbones import KNOWN_BACKBONES, allowed_backbones, is_allowed, resolve_allowed
 from studio.errors import InputError
-from studio.jobs import Jobs
+from studio.jobs.jobs import Jobs
 
 
 @pytest.fixture(autouse=True)

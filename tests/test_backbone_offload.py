@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from studio import fusion
-from studio.backbones import load_backbone
-from studio.noise_prior import NoisePrior
-from studio.training import PREVIEW_SEED, PreviewWriter, detach_lora
+from studio.engine import fusion
+from studio.engine.backbones import load_backbone
+from studio.engine.noise_prior import NoisePrior
+from studio.engine.training import PREVIEW_SEED, PreviewWriter, detach_lora
 
 PROMPTS = ["a friendly robot in blue poster style", "a baby penguin in blue poster style"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio import compose
 from studio.errors import InputError
+from studio.media import compose
 
 
 def flat(color, size=(256, 256)) -> Image.Image:

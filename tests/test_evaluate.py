@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from studio import evaluate
 from studio.errors import InputError
-from studio.evaluate import (
+from studio.styles import evaluate
+from studio.styles.evaluate import (
     PAPER_PROMPTS,
     EvalSettings,
     Evaluation,
@@ -24,7 +24,7 @@ from studio.evaluate import (
     settings_from_args,
     write_reports,
 )
-from studio.metrics import StyleScorer, build_tiny_metric_models
+from studio.styles.metrics import StyleScorer, build_tiny_metric_models
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["flat_cartoon/sd3", "flat_cartoon/style_friendly", "watercolor/sd3", "watercolor/style_friendly"]

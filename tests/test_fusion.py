@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from studio import fusion
-from studio.__main__ import main, publish
-from studio.backbones.flux import unpack
+from studio.cli import main, publish
+from studio.engine import fusion
+from studio.engine.backbones.flux import unpack
+from studio.engine.generation import GenerateOptions, activate_templates, generate
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run, train
 from studio.errors import InputError
-from studio.generation import GenerateOptions, activate_templates, generate
-from studio.recipe import Recipe
-from studio.templates import TemplateStore
-from studio.training import TrainRequest, prepare_run, train
+from studio.store.templates import TemplateStore
 
 PROMPT = "a boat in blue poster style"
 SIZE = dict(width=64, height=64)
@@ -71,8 +71,8 @@ def test_custom_loop_reproduces_the_flux_pipeline(tiny_backbone, template, with_
 
 def test_custom_loop_reproduces_the_sd3_pipeline_with_cfg():
     """SD3 keeps classifier-free guidance (negative + positive in one batch) in the custom loop."""
-    from studio.backbones.sd3 import SD3Backbone
-    from studio.backbones.tiny import TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_sd3
+    from studio.engine.backbones.sd3 import SD3Backbone
+    from studio.engine.backbones.tiny import TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_sd3
 
     sd3 = SD3Backbone.load("tiny-sd3", str(ensure_tiny_sd3()), device=torch.device("cpu"),
                            default_resolution=64, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH)

@@ -19,8 +19,8 @@ from PIL import Image
 
 from studio.api import StudioAPI
 from studio.errors import StudioError
-from studio.jobs import Jobs
-from studio.queue_backend import Settings
+from studio.jobs.jobs import Jobs
+from studio.jobs.queue import Settings
 from studio.ui import gen_options
 
 RECIPE = {"steps": 30, "lr": 5e-3, "preview_every": 0, "checkpoint_every": 0}

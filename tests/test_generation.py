@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from studio.engine.generation import ASPECTS, GenerateOptions, final_prompt, generate, size_for_aspect
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run, train
 from studio.errors import InputError
-from studio.generation import ASPECTS, GenerateOptions, final_prompt, generate, size_for_aspect
-from studio.recipe import Recipe
-from studio.training import TrainRequest, prepare_run, train
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from test_templates import add
 
-from studio import hub
 from studio.errors import InputError, StudioError
-from studio.templates import TemplateStore
+from studio.store import hub
+from studio.store.templates import TemplateStore
 
 
 class FakeApi:

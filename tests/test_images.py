@@ -1,4 +1,4 @@
-"""Tests for studio.images: every file is generated in a tmp dir (no binary fixtures)."""
+"""Tests for studio.media.images: every file is generated in a tmp dir (no binary fixtures)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from studio import images
 from studio.errors import InputError
-from studio.images import (
+from studio.media import images
+from studio.media.images import (
     MAX_REFERENCE_IMAGES,
     fit_to_budget,
     load_image,

@@ -15,9 +15,9 @@ import pytest
 from queue_helpers import BACKENDS, make_settings, redis_url, write_image  # noqa: F401 (redis_url: a fixture)
 
 from studio import config
-from studio.backbones import resolve
+from studio.engine.backbones import default_backbone, resolve
 from studio.errors import InputError, NotFoundError
-from studio.jobs import CANCELLED, FAILED, QUEUED, RUNNING, Jobs
+from studio.jobs.jobs import CANCELLED, FAILED, QUEUED, RUNNING, Jobs
 
 STATUS_KEYS = {
     "id", "kind", "state", "name", "style_prompt", "backbone", "template_id", "created", "started", "finished",
@@ -150,7 +150,7 @@ def test_cancel_a_queued_job_at_once(jobs, image, settings):
     assert jobs.cancel(job_id)["state"] == CANCELLED  # idempotent
     assert jobs.active_job("train") is None
     # The message is still in the queue; a worker that gets it skips it without loading anything.
-    from studio.worker import Worker
+    from studio.jobs.worker import Worker
 
     worker = Worker(settings)
     worker.handle(job_id, token)
@@ -223,12 +223,12 @@ def test_reconcile_resends_lost_messages_once(jobs, image):
 
 def test_config_defaults(monkeypatch, tmp_path):
     monkeypatch.setenv("STUDIO_BACKBONE", "sd3.5-medium")
-    assert config.default_backbone() == "sd3.5-medium"
+    assert default_backbone() == "sd3.5-medium"
     monkeypatch.delenv("STUDIO_BACKBONE")
     import torch
 
     if not torch.cuda.is_available():
-        assert config.default_backbone() == "tiny"
+        assert default_backbone() == "tiny"
     for var in ("STUDIO_RUNS", "STUDIO_STORE", "STUDIO_QUEUE_FILE", "STUDIO_REDIS_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("STUDIO_DATA", str(tmp_path))

@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio import lora_formats as lf
 from studio.errors import InputError
+from studio.store import lora_formats as lf
 
 # The paper's LoRA targets (studio/backbones/flux.py, sd3.py), matched like peft does: by suffix.
 FLUX_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "proj_mlp", "proj_out")

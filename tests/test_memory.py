@@ -15,9 +15,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from studio import memory as M
+from studio.engine import memory as M
+from studio.engine.backbones import quantize
+from studio.engine.recipe import Recipe
 from studio.errors import InputError, InsufficientMemoryError
-from studio.recipe import Recipe
 
 GB = M.GB
 RAM = 64 * GB
@@ -138,11 +139,11 @@ def test_tier_setting_is_validated(monkeypatch):
 def test_missing_backend_is_a_clear_message(monkeypatch):
     monkeypatch.setenv("STUDIO_QUANT_BACKEND", "bitsandbytes")
     with pytest.raises(InputError, match="pip install optimum-quanto"):
-        M.quantization_backend("cpu")  # diffusers' bitsandbytes quantiser needs a GPU
+        quantize.quantization_backend("cpu")  # diffusers' bitsandbytes quantiser needs a GPU
 
 
 def _train(backbone, run_dir, image):
-    from studio.training import TrainRequest, prepare_run, train
+    from studio.engine.training import TrainRequest, prepare_run, train
 
     recipe = Recipe(steps=3, lr=1e-2, rank=4, preview_every=0, checkpoint_every=0)
     prepare_run(TrainRequest([image], "flat red poster", "q", recipe), run_dir, "tiny", "flux", 64)
@@ -154,8 +155,8 @@ def test_lora_trained_on_a_quantised_base_loads_into_the_plain_pipeline(tier, ti
     pytest.importorskip("optimum.quanto")
     from optimum.quanto import QTensor
 
-    from studio.backbones import load_backbone
-    from studio.generation import GenerateOptions, generate
+    from studio.engine.backbones import load_backbone
+    from studio.engine.generation import GenerateOptions, generate
 
     image = Image.new("RGB", (64, 64), (210, 50, 40))
     quantised = load_backbone("tiny", tier=tier)
@@ -182,7 +183,7 @@ def test_lora_trained_on_a_quantised_base_loads_into_the_plain_pipeline(tier, ti
 
 def test_cli_prints_the_tier_and_trains_on_a_4_bit_base(tmp_path, monkeypatch, capsys):
     pytest.importorskip("optimum.quanto")
-    from studio.__main__ import main
+    from studio.cli import main
 
     monkeypatch.setenv("STUDIO_RUNS", str(tmp_path / "runs"))
     Image.new("RGB", (48, 40), (30, 90, 200)).save(tmp_path / "ref.png")
@@ -197,7 +198,7 @@ def test_cli_prints_the_tier_and_trains_on_a_4_bit_base(tmp_path, monkeypatch, c
 
 
 def test_cli_refuses_a_run_that_does_not_fit_before_loading_anything(tmp_path, monkeypatch, capsys):
-    from studio.__main__ import main
+    from studio.cli import main
 
     monkeypatch.setenv("STUDIO_RUNS", str(tmp_path / "runs"))
     monkeypatch.setattr(M, "detect_memory", lambda device=None: (GB // 2, RAM))  # a 0.5 GB "GPU"

@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run, train
 from studio.errors import StudioError
-from studio.metrics import StyleScorer, build_tiny_metric_models, score_template
-from studio.recipe import Recipe
-from studio.training import TrainRequest, prepare_run, train
+from studio.styles.metrics import StyleScorer, build_tiny_metric_models, score_template
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CLIP_STATS = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.__main__ import main, publish
+from studio.cli import main, publish
+from studio.engine.generation import GenerateOptions, activate_templates, generate
+from studio.engine.mixing import parse_mix_arg, resolve_mix, validate_mix
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run, train
 from studio.errors import InputError
-from studio.generation import GenerateOptions, activate_templates, generate
-from studio.mixing import parse_mix_arg, resolve_mix, validate_mix
-from studio.recipe import Recipe
-from studio.templates import TemplateStore
-from studio.training import TrainRequest, prepare_run, train
+from studio.store.templates import TemplateStore
 
 STYLE = "flat poster"  # both templates share it, so "A alone" and "B alone" get the same final prompt
 

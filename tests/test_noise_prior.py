@@ -11,21 +11,14 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from studio import fusion, snr
-from studio.__main__ import main
-from studio.backbones.flux import unpack
+from studio.cli import main
+from studio.engine import fusion, snr
+from studio.engine.backbones.flux import unpack
+from studio.engine.generation import GenerateOptions, activate_templates, generate
+from studio.engine.noise_prior import MIN_STD, PRIOR_FILE, NoisePrior, augmented_samples, compute_prior, start_latents
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, flow_matching_loss, prepare_run, train
 from studio.errors import InputError
-from studio.generation import GenerateOptions, activate_templates, generate
-from studio.noise_prior import (
-    MIN_STD,
-    PRIOR_FILE,
-    NoisePrior,
-    augmented_samples,
-    compute_prior,
-    start_latents,
-)
-from studio.recipe import Recipe
-from studio.training import TrainRequest, flow_matching_loss, prepare_run, train
 
 COLORS = ((200, 40, 30), (30, 90, 200), (40, 160, 60), (120, 40, 160))
 
@@ -275,7 +268,7 @@ def test_cli_noise_prior(tmp_path, monkeypatch, capsys):
 
 
 def test_previews_start_from_the_prior(tiny_backbone, tmp_path):
-    from studio.training import PREVIEW_SEED
+    from studio.engine.training import PREVIEW_SEED
 
     run_dir = tmp_path / "run"
     recipe = Recipe(steps=1, grad_accum=1, preview_every=1, preview_steps=2, noise_prior=True)

@@ -18,10 +18,10 @@ from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio import refine
-from studio.__main__ import main
-from studio.evaluate import PAPER_PROMPTS
-from studio.metrics import StyleScorer, build_tiny_metric_models
+from studio.cli import main
+from studio.styles import refine
+from studio.styles.evaluate import PAPER_PROMPTS
+from studio.styles.metrics import StyleScorer, build_tiny_metric_models
 
 FAST = {"steps": 6, "preview_every": 3, "grad_accum": 1, "rank": 4}
 ROUND2 = {"steps": 4, "preview_every": 2}  # changes to the parent's recipe a refinement may make
@@ -34,7 +34,7 @@ def pixels(path) -> np.ndarray:
 
 def expected_picks(scorer: StyleScorer, candidates: list[Path], prompts: list[str], references: list[Path],
                    k: int) -> list[str]:
-    """Independently of studio.refine: CLIP-I x CLIP-T (clipped at 0), best k, ties by the style score."""
+    """Independently of studio.styles.refine: CLIP-I x CLIP-T (clipped at 0), best k, ties by the style score."""
     result = scorer.score([Image.open(c).convert("RGB") for c in candidates],
                           [Image.open(r).convert("RGB") for r in references], prompts)
     style, text = result["per_image"]["clip_i"], result["per_image"]["clip_t"]
@@ -82,7 +82,7 @@ def test_automatic_pick_is_the_argmax_of_style_times_text():
 
 
 def test_names_and_recipe_of_a_round(tmp_path):
-    from studio.templates import TemplateInfo
+    from studio.store.templates import TemplateInfo
 
     parent = TemplateInfo("ink", tmp_path, {"name": "Ink", "recipe": {"steps": 300, "rank": 16, "resolution": 64}})
     assert refine.refined_name(parent) == "Ink · round 2"
@@ -246,8 +246,8 @@ def test_cli_candidates_favourites_auto_and_no_metric_models(tmp_path, ref, metr
     # ...the same through the API object: refused before anything is queued
     from studio.api import StudioAPI
     from studio.errors import InputError
-    from studio.jobs import Jobs
-    from studio.queue_backend import Settings
+    from studio.jobs.jobs import Jobs
+    from studio.jobs.queue import Settings
 
     jobs = Jobs(settings=Settings(runs_dir=tmp_path / "api-runs", store_dir=store))
     with pytest.raises(InputError, match="automatic feedback needs the CLIP and DINO"):

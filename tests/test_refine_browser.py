@@ -15,7 +15,7 @@ from app_helpers import start_app
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from studio.metrics import build_tiny_metric_models
+from studio.styles.metrics import build_tiny_metric_models
 
 ROOT = Path(__file__).resolve().parent.parent
 

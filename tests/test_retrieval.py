@@ -13,10 +13,10 @@ from PIL import Image
 
 from studio.api import StudioAPI
 from studio.errors import InputError
-from studio.jobs import Jobs
-from studio.metrics import StyleScorer, build_tiny_metric_models, score_template
-from studio.retrieval import INDEX_DIR, RetrievalUnavailable, StyleIndex, template_images, template_scores
-from studio.templates import TemplateStore
+from studio.jobs.jobs import Jobs
+from studio.store.templates import TemplateStore
+from studio.styles.metrics import StyleScorer, build_tiny_metric_models, score_template
+from studio.styles.retrieval import INDEX_DIR, RetrievalUnavailable, StyleIndex, template_images, template_scores
 from studio.ui import present
 
 RED, BLUE, GREEN = (215, 40, 35), (35, 50, 210), (40, 190, 60)

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from test_e2e_browser import expect
 
-from studio.metrics import build_tiny_metric_models
+from studio.styles.metrics import build_tiny_metric_models
 
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 RED, BLUE = (215, 40, 35), (35, 50, 210)

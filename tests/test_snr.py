@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from studio import snr
+from studio.engine import snr
 
 N = 200_000
 

@@ -21,9 +21,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from studio import lora_formats, templates
 from studio.errors import InputError, NotFoundError
-from studio.templates import TemplateStore
+from studio.store import lora_formats, templates
+from studio.store.templates import TemplateStore
 
 H, R = 32, 4
 FLUX_MODULES = (
@@ -234,7 +234,7 @@ def test_damaged_folders_are_skipped_with_a_warning(store, caplog):
     hidden = root / ".hidden"
     build(hidden.mkdir() or hidden)
     build(store.new_staging())  # a complete template whose create() never happened (crash)
-    with caplog.at_level(logging.WARNING, logger="studio.templates"):
+    with caplog.at_level(logging.WARNING, logger="studio.store.templates"):
         listed = store.list()
     assert [i.id for i in listed] == ["good"]
     warned = " ".join(r.getMessage() for r in caplog.records)
@@ -596,7 +596,7 @@ def test_import_guesses_the_backbone_from_the_lora_width(store, tmp_path):
 
 
 def test_tiny_widths_match_the_built_tiny_model(tiny_folder):
-    from studio.templates import BACKBONES_BY_WIDTH
+    from studio.store.templates import BACKBONES_BY_WIDTH
 
     config = json.loads((Path(tiny_folder) / "transformer" / "config.json").read_text())
     width = config["num_attention_heads"] * config["attention_head_dim"]
@@ -612,7 +612,7 @@ def studio_meta() -> dict:
     """A template.json as the studio writes it: training's fields, a noise prior, a round-2 lineage, an import."""
     from dataclasses import asdict
 
-    from studio.recipe import Recipe
+    from studio.engine.recipe import Recipe
 
     return {
         "format_version": 1, "id": "ink-round-2", "name": "Ink · round 2", "style_prompt": "ink wash",
@@ -636,7 +636,7 @@ def studio_meta() -> dict:
 
 
 def test_the_schema_keeps_what_the_studio_writes_and_drops_the_rest():
-    from studio.template_schema import sanitize
+    from studio.store.template_schema import sanitize
 
     meta = studio_meta()
     assert sanitize(meta) == meta  # nothing the studio itself writes is lost
@@ -664,8 +664,8 @@ def test_the_schema_knows_every_recipe_field():
     """template_schema mirrors Recipe without importing torch: a new Recipe field must be added there too."""
     from dataclasses import asdict, fields
 
-    from studio.recipe import Recipe
-    from studio.template_schema import RECIPE, sanitize
+    from studio.engine.recipe import Recipe
+    from studio.store.template_schema import RECIPE, sanitize
 
     assert set(RECIPE) == {f.name for f in fields(Recipe)}
     assert sanitize({"recipe": asdict(Recipe())})["recipe"] == asdict(Recipe())  # the defaults are in bounds
@@ -787,7 +787,7 @@ def test_the_listing_comes_in_pages_from_parsed_files_cached(store, monkeypatch)
 
 def test_studio_api_lists_a_page_of_summaries_quickly(tmp_path):
     from studio.api import StudioAPI
-    from studio.jobs import Jobs
+    from studio.jobs.jobs import Jobs
 
     jobs = Jobs(tmp_path / "data")
     try:

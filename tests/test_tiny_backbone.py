@@ -15,8 +15,8 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from studio.backbones import tiny
-from studio.backbones.tiny import (
+from studio.engine.backbones import tiny
+from studio.engine.backbones.tiny import (
     MARKER,
     TINY_DEFAULT_RESOLUTION,
     TINY_MAX_SEQUENCE_LENGTH,
@@ -271,8 +271,8 @@ def test_style_training_moves_previews_toward_the_reference(tiny_backbone, tmp_p
     the previews the UI shows take on the reference's pale palette."""
     from PIL import Image
 
-    from studio.recipe import Recipe
-    from studio.training import TrainRequest, prepare_run, train
+    from studio.engine.recipe import Recipe
+    from studio.engine.training import TrainRequest, prepare_run, train
 
     reference = Image.open(Path(__file__).resolve().parent.parent / "assets" / "examples" / "watercolor.png")
     run_dir = tmp_path / "run"

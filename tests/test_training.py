@@ -11,10 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from scipy import stats
 
-from studio import snr
-from studio.errors import CancelledError
-from studio.recipe import Recipe
-from studio.training import (
+from studio.engine import snr
+from studio.engine.recipe import Recipe
+from studio.engine.training import (
     ADAPTER,
     Observer,
     TrainRequest,
@@ -24,6 +23,7 @@ from studio.training import (
     prepare_run,
     train,
 )
+from studio.errors import CancelledError
 
 FLUX_DOUBLE = {"attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"}
@@ -72,8 +72,8 @@ def test_flux_lora_targets_are_the_papers(tiny_backbone):
 
 
 def test_sd3_lora_targets_are_the_papers(tmp_path_factory):
-    from studio.backbones.sd3 import SD3Backbone
-    from studio.backbones.tiny import ensure_tiny_sd3
+    from studio.engine.backbones.sd3 import SD3Backbone
+    from studio.engine.backbones.tiny import ensure_tiny_sd3
 
     backbone = SD3Backbone.load("tiny-sd3", str(ensure_tiny_sd3()), device=torch.device("cpu"))
     attach_lora(backbone, Recipe(rank=4))
@@ -161,7 +161,7 @@ def test_default_run_is_fast_samples_the_style_friendly_distribution_and_learns(
 
 
 def lora_weights_move_generation_toward(backbone, template) -> bool:
-    from studio.generation import activate_templates
+    from studio.engine.generation import activate_templates
 
     ref_latent = backbone.encode_images([Image.open(template / "references" / "ref_00.png")])[0].mean
     cond = backbone.encode_prompts(["A friendly robot in red poster style"])[0]
@@ -219,7 +219,7 @@ def test_sd3_sampler_option(tiny_backbone, tmp_path):
 
 
 def test_lora_loads_with_plain_diffusers(tiny_folder, tiny_backbone, tmp_path):
-    from studio.backbones.tiny import TINY_MAX_SEQUENCE_LENGTH
+    from studio.engine.backbones.tiny import TINY_MAX_SEQUENCE_LENGTH
 
     _, result = run(tiny_backbone, tmp_path, steps=20, lr=1e-2, preview_every=0)
     pipe = FluxPipeline.from_pretrained(tiny_folder)

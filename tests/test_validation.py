@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 from queue_helpers import make_settings, write_image
 
-from studio.__main__ import main
 from studio.api import StudioAPI
+from studio.cli import main
+from studio.engine.generation import GenerateOptions
+from studio.engine.recipe import PRESETS, Recipe
 from studio.errors import InputError
-from studio.generation import GenerateOptions
-from studio.jobs import Jobs, parse_generate_options, parse_recipe
-from studio.recipe import PRESETS, Recipe
+from studio.jobs.jobs import Jobs, parse_generate_options, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 NAN, INF = math.nan, math.inf
@@ -193,8 +193,8 @@ def test_submit_train_refuses_wrong_types_of_the_other_fields(jobs, image, kwarg
 
 
 def test_a_stored_resolution_out_of_range_is_refused_before_generating():
-    from studio.generation import output_size
-    from studio.recipe import check_recipe_dict
+    from studio.engine.generation import output_size
+    from studio.engine.recipe import check_recipe_dict
 
     with pytest.raises(InputError, match=r"template.json's recipe: resolution must be a whole number from 32"):
         check_recipe_dict({"resolution": 100000, "steps": 300}, "template.json's recipe")
@@ -218,7 +218,7 @@ def test_a_stored_resolution_out_of_range_is_refused_before_generating():
 
 
 def test_generate_refuses_a_bad_stored_resolution_before_loading_the_lora(tiny_backbone, tmp_path):
-    from studio.generation import generate
+    from studio.engine.generation import generate
 
     folder = tmp_path / "imported"
     folder.mkdir()

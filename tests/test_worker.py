@@ -15,12 +15,12 @@ from types import SimpleNamespace
 import pytest
 from queue_helpers import BACKENDS, make_settings, redis_url, wait_for, write_image  # noqa: F401 (redis_url: a fixture)
 
-from studio import lora_formats
-from studio.jobs import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING, Jobs
-from studio.worker import Supervisor
+from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING, Jobs
+from studio.jobs.worker import Supervisor
+from studio.store import lora_formats
 
 FAST = {"steps": 3, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}
-# Test-only hook (see studio.worker._test_oom_hook): step 3 of the job named "oom-me" runs out of memory.
+# Test-only hook (see studio.jobs.worker._test_oom_hook): step 3 of the job named "oom-me" runs out of memory.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "STUDIO_HEARTBEAT_S": "0.5",
               "STUDIO_TEST_OOM": "oom-me:3"}
 

@@ -22,15 +22,16 @@ from PIL import Image
 from queue_helpers import write_image
 from safetensors.torch import load_file, save_file
 
-from studio import __main__ as cli
-from studio import diskspace, lora_formats, training
-from studio.backbones import clean
-from studio.backbones.flux import FluxBackbone
+from studio import cli, diskspace
+from studio.engine import training
+from studio.engine.backbones import clean
+from studio.engine.backbones.flux import FluxBackbone
+from studio.engine.recipe import Recipe
 from studio.errors import InputError
-from studio.jobs import CANCELLED, DONE, FAILED, Jobs
-from studio.queue_backend import Settings
-from studio.recipe import Recipe
-from studio.worker import Supervisor, Worker
+from studio.jobs.jobs import CANCELLED, DONE, FAILED, Jobs
+from studio.jobs.queue import Settings
+from studio.jobs.worker import Supervisor, Worker
+from studio.store import lora_formats
 
 FAST = {"steps": 2, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}
 
@@ -328,7 +329,7 @@ def test_a_generation_failing_half_way_leaves_no_adapters(env, monkeypatch):
     assert failed["state"] == FAILED and "injected failure" in failed["error"]
     assert_clean(env)  # neither the main template's nor the mixed-in LoRA is left loaded
 
-    from studio import fusion
+    from studio.engine import fusion
 
     def fusion_fails(*args, **kwargs):
         raise RuntimeError("injected failure while fusing")

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..api import StudioAPI
-from . import endpoints, gallery_tab, generate_tab, present, served, train_tab
-from .common import demo_notice
+from studio.api import StudioAPI
+from studio.ui import endpoints, gallery_tab, generate_tab, present, served, train_tab
+from studio.ui.common import demo_notice
 
 
 def build_demo(api: StudioAPI) -> gr.Blocks:

@@ -9,7 +9,7 @@ from typing import Any
 
 import gradio as gr
 
-from ..errors import StudioError
+from studio.errors import StudioError
 
 log = logging.getLogger("studio.ui")
 

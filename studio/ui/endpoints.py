@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ..api import StudioAPI
-from .common import guard
+from studio.api import StudioAPI
+from studio.ui.common import guard
 
 
 def build(api: StudioAPI) -> None:

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..api import StudioAPI
-from ..errors import StudioError
-from . import present, refine_panel
-from .common import guard
+from studio.api import StudioAPI
+from studio.errors import StudioError
+from studio.ui import present, refine_panel
+from studio.ui.common import guard
 
 EXPORTS = [("Template (.zip)", "zip"), ("LoRA for diffusers (.safetensors)", "safetensors"),
            ("LoRA for ComfyUI (.safetensors)", "comfy")]
@@ -55,7 +55,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 ui.fmt = gr.Radio(EXPORTS, value="zip", label="Download as", elem_id="export-format")
                 ui.export = gr.Button("Download", elem_id="export-button", interactive=False)
                 ui.export_file = gr.File(label="Your file", visible=False, elem_id="export-file", interactive=False)
-            ui.refine = refine_panel.build()  # StyleDrop's round 2 (studio.refine); wired below
+            ui.refine = refine_panel.build()  # StyleDrop's round 2 (studio.styles.refine); wired below
             with gr.Accordion("Rename or delete", open=False, elem_id="manage-box"):
                 with gr.Row():
                     ui.new_name = gr.Textbox(label="New name", max_lines=1, scale=3, elem_id="rename-box")

@@ -1,7 +1,7 @@
 """The Generate tab's Advanced settings, as pure functions: what the controls say and send.
 
 Kept apart from :mod:`studio.ui.generate_tab` (wiring only) and free of Gradio, so the mapping
-from slider positions to :class:`studio.generation.GenerateOptions` fields is testable alone.
+from slider positions to :class:`studio.engine.generation.GenerateOptions` fields is testable alone.
 The sliders speak the artist's language (percentages, "blend"); the options the engine's
 (``style_schedule`` as a fraction, ``fusion_weight`` as the template's weight).
 """

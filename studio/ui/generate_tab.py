@@ -7,11 +7,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..api import StudioAPI
-from ..compose import LAYOUTS
-from ..generation import ASPECTS
-from . import gen_options, present
-from .common import guard
+from studio.api import StudioAPI, aspect_ratios
+from studio.media.compose import LAYOUTS
+from studio.ui import gen_options, present
+from studio.ui.common import guard
 
 MODES = [("Picture", "text-to-image"), ("Comic page", "multi-panel"), ("Meme", "meme")]
 LAYOUT_CHOICES = [("Automatic", "auto")] + [(f"{r} row{'s' if r != '1' else ''} × {c}", v)
@@ -52,7 +51,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                          value="classic", label="Lettering", elem_id="meme-style")
             with gr.Accordion("Size, seed, strength and steps", open=False, elem_id="gen-settings"):
                 ui.scale = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Style strength (LoRA scale)")
-                ui.aspect = gr.Radio(list(ASPECTS), value="1:1", label="Aspect ratio (width:height)")
+                ui.aspect = gr.Radio(aspect_ratios(), value="1:1", label="Aspect ratio (width:height)")
                 with gr.Row():
                     ui.count = gr.Slider(1, 4, value=1, step=1, label="Images")
                     ui.seed = gr.Number(0, label="Seed", precision=0, minimum=0)

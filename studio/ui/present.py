@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..backbones import KNOWN_BACKBONES
+from studio.api import backbone_family, sampler_draws
 
 STATE_LABELS = {"queued": "Waiting", "running": "Training", "done": "Done", "failed": "Failed",
                 "cancelled": "Cancelled"}
@@ -100,22 +100,15 @@ def _histogram(values: list[float], bins: int = T_BINS) -> list[float]:
     return [c * bins / n for c in counts]  # density: integrates to 1 over (0, 1)
 
 
-@functools.lru_cache(maxsize=32)
-def _expected(name: str, family: str, mu: float | None, sigma: float | None, shift: float | None) -> tuple:
-    """Density of a sampler's t per bin, from 20k seeded draws of studio.snr's own sampler."""
-    import torch
-
-    from ..snr import sampler_for
-
-    sampler = sampler_for(name, family, mu, sigma, shift)
-    draws = sampler.sample(20_000, torch.Generator().manual_seed(0)).tolist()
-    return tuple(_histogram(draws))
+def _expected(name: str, family: str, mu: float | None, sigma: float | None, shift: float | None) -> list[float]:
+    """Density of a sampler's t per bin, from seeded draws of the engine's own sampler."""
+    return _histogram(list(sampler_draws(name, family, mu, sigma, shift)))
 
 
 def t_frame(ts: list[float], recipe: dict | None, backbone: str | None) -> pd.DataFrame:
     """Histogram of the noise levels t sampled so far, against this run's sampler and SD3's."""
     recipe = recipe or {}
-    family = KNOWN_BACKBONES.get(backbone or "", ("flux", ""))[0]
+    family = backbone_family(backbone)
     name = recipe.get("sampler") or "style_friendly"
     centers = [(i + 0.5) / T_BINS for i in range(T_BINS)]
     # The sampled series is always there (zeros before the first step) so the legend never changes.
@@ -153,7 +146,7 @@ NO_PICTURE_NOTE = "imported LoRA · no pictures yet: generate with it to see its
 def _name_card(name: str) -> str:
     import tempfile
 
-    from ..compose import name_card
+    from studio.media.compose import name_card
 
     folder = Path(tempfile.gettempdir()) / "studio-name-cards"
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,7 +211,7 @@ def rewrap_prompt(prompt: str, old_style: str | None, new_style: str | None) -> 
     return text + for_new if for_new and not text.endswith(for_new) else text
 
 
-# -- finding styles and scores (studio.retrieval) -------------------------------------------------
+# -- finding styles and scores (studio.styles.retrieval) -------------------------------------------------
 
 # The paper's FLUX.1-dev averages, style-friendly sampler, sigma 3 (Table 2, v3): a yardstick for the card.
 PAPER_SCORES = {"dino": 0.478, "clip_i": 0.691, "clip_t": 0.343}
@@ -315,7 +308,7 @@ def similar_markdown(found: dict) -> str:
             "instead of training again — or just go on.")
 
 
-# -- refining (studio.refine: StyleDrop's round 2) -------------------------------------------------
+# -- refining (studio.styles.refine: StyleDrop's round 2) -------------------------------------------------
 
 
 def lineage_text(lineage: dict) -> str:

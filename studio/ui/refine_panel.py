@@ -2,7 +2,7 @@
 
 The studio draws test pictures of other subjects with the selected template; the artist ticks
 favourites (or lets CLIP choose) and a second training learns from the references plus those
-picks. Logic lives in :mod:`studio.refine` and :class:`studio.api.StudioAPI`; the round is an
+picks. Logic lives in :mod:`studio.styles.refine` and :class:`studio.api.StudioAPI`; the round is an
 ordinary training job, so a reload never stops it and the Train tab can show its loss curve.
 """
 
@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..api import StudioAPI
-from ..jobs import FINAL
-from ..refine import DEFAULT_CANDIDATES, DEFAULT_TOP_K, MAX_CANDIDATES, read_candidate_prompt
-from . import present
-from .common import guard
+from studio.api import StudioAPI
+from studio.jobs.jobs import FINAL
+from studio.styles.refine import DEFAULT_CANDIDATES, DEFAULT_TOP_K, MAX_CANDIDATES, read_candidate_prompt
+from studio.ui import present
+from studio.ui.common import guard
 
 INTRO = ("**Does the style leak the reference's subject into every picture?** Train a *round 2*: the studio "
          "draws test pictures of other subjects with this template; keep the ones that have the style **and** "

@@ -12,13 +12,12 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from ..api import StudioAPI, suggest_name
-from ..errors import StudioError
-from ..jobs import FINAL
-from ..recipe import PRESETS, Recipe
-from ..training import preview_prompts
-from . import present
-from .common import guard
+from studio.api import StudioAPI, preview_prompts_of, suggest_name
+from studio.engine.recipe import PRESETS, Recipe
+from studio.errors import StudioError
+from studio.jobs.jobs import FINAL
+from studio.ui import present
+from studio.ui.common import guard
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render, soft clay", "ukiyo-e woodblock print",
@@ -44,7 +43,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                               file_types=["image"], elem_id="ref-images", height=150)
             ui.thumbs = gr.Gallery(label="Your references", columns=6, height=150, object_fit="cover",
                                    allow_preview=False, visible=False, elem_id="ref-thumbs", buttons=[])
-            # "You may already have this style": templates that look like the references (studio.retrieval)
+            # "You may already have this style": templates that look like the references (studio.styles.retrieval)
             with gr.Group(visible=False, elem_id="similar-box") as ui.similar_box:
                 ui.similar_note = gr.Markdown(elem_id="similar-note", padding=True)
                 # container=False: inside a Group, Gradio 6 draws a thick dark frame around a Gallery block
@@ -197,7 +196,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             loss = present.loss_frame(status["losses"])
             t = present.t_frame(status["t"], recipe, status.get("backbone"))
         if fresh or n_prev != shown.get("previews"):
-            prev = present.preview_items(status["previews"], preview_prompts(Recipe.from_dict(recipe)))
+            prev = present.preview_items(status["previews"], preview_prompts_of(recipe))
         finished = (status.get("template_id") or "") if state == "done" and shown.get("state") != "done" else gr.skip()
         new_shown = {"job": job_id, "losses": n_loss, "previews": n_prev, "state": state}
         return (present.status_html(status), gr.Button(visible=state not in FINAL),

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
-from .errors import InputError
-from .snr import SAMPLERS, NoiseSampler, sampler_for
+from studio.checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
+from studio.engine.snr import SAMPLERS, NoiseSampler, sampler_for
+from studio.errors import InputError
 
 # Upper bounds of the recipe's numbers: far beyond any useful run, low enough that a typo
 # (an extra zero or two) is refused at submit time instead of running for days or running out of memory.
@@ -59,7 +59,7 @@ class Recipe:
     seed: int = 0
     train_guidance: float = 1.0  # FLUX-dev's guidance embedding while training (paper: 1.0)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    tier: str = "auto"  # memory tier of the base weights (studio.memory): auto | bf16 | int8 | nf4
+    tier: str = "auto"  # memory tier of the base weights (studio.engine.memory): auto | bf16 | int8 | nf4
     gradient_checkpointing: bool | None = None  # None: on for GPUs
     preview_every: int = 50
     preview_steps: int | None = None  # denoising steps for previews; None: backbone default

@@ -10,12 +10,13 @@ is read or downloaded, so a shared studio never fetches or loads a repository a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputError
+from studio.errors import InputError, StudioError
 
 KNOWN_BACKBONES: dict[str, tuple[str, str]] = {
     "tiny": ("flux", ""),  # built locally on first use, see tiny.py
@@ -43,10 +44,10 @@ class BackboneSpec:
     def default_resolution(self) -> int:
         """Pixel budget side used when a recipe leaves the resolution open (the loaded backbone's)."""
         if self.is_tiny:
-            from .tiny import TINY_DEFAULT_RESOLUTION
+            from studio.engine.backbones.tiny import TINY_DEFAULT_RESOLUTION
 
             return TINY_DEFAULT_RESOLUTION
-        from .base import Backbone
+        from studio.engine.backbones.base import Backbone
 
         return Backbone.default_resolution
 
@@ -100,9 +101,31 @@ def _normalised(value: str) -> str:
     return value
 
 
+def default_backbone() -> str:
+    """The backbone used when a request names none (``STUDIO_BACKBONE``).
+
+    Without the variable: ``flux-dev`` on a machine with a CUDA GPU where its weights are
+    available, else the offline ``tiny`` demo model.
+    """
+    value = (os.environ.get("STUDIO_BACKBONE") or "").strip()
+    return value or _detected_backbone()
+
+
+@functools.lru_cache(maxsize=1)
+def _detected_backbone() -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "tiny"
+    try:
+        return resolve("flux-dev").backbone_id
+    except StudioError:
+        return "tiny"
+
+
 def allowed_backbones() -> list[str]:
     """The backbones a request may name: the registry's ids, then the operator's (env, read now)."""
-    from ..config import configured_backbones
+    from studio.config import configured_backbones
 
     return list(dict.fromkeys([*KNOWN_BACKBONES, *configured_backbones()]))
 
@@ -135,17 +158,17 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: 
                   offload_text_encoders: bool = False):
     """Load a backbone's pipeline once; callers keep the returned object warm.
 
-    ``tier`` and ``offload_text_encoders`` come from :func:`studio.memory.plan_for` (the default is
+    ``tier`` and ``offload_text_encoders`` come from :func:`studio.engine.memory.plan_for` (the default is
     the unquantised model with everything on the device, as before tiers existed).
     """
-    from .flux import FluxBackbone
-    from .sd3 import SD3Backbone
+    from studio.engine.backbones.flux import FluxBackbone
+    from studio.engine.backbones.sd3 import SD3Backbone
 
     spec = resolve(backbone_id)
     if spec.is_tiny:
         import torch
 
-        from .tiny import TINY_DEFAULT_RESOLUTION, TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_flux
+        from studio.engine.backbones.tiny import TINY_DEFAULT_RESOLUTION, TINY_MAX_SEQUENCE_LENGTH, ensure_tiny_flux
 
         if (device is None or str(device) == "cpu") and not torch.cuda.is_available():
             # The tiny model's kernels are far too small to gain from threads; on a busy 2-core

@@ -43,7 +43,7 @@ def host_to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Te
 class Sampling:
     """One denoising run set up exactly as the family's diffusers pipeline sets it up.
 
-    :mod:`studio.fusion` drives it step by step: ``velocity(latents, t)`` is the pipeline's
+    :mod:`studio.engine.fusion` drives it step by step: ``velocity(latents, t)`` is the pipeline's
     (guided) prediction at scheduler time step ``t``, ``pipe.scheduler.step`` the Euler update
     (the scheduler is already set to ``timesteps``), ``decode`` the pipeline's output stage.
     """
@@ -92,7 +92,7 @@ class Backbone(ABC):
     default_steps: int = 28  # paper: 28 denoising steps at inference
     default_guidance: float = 7.0  # paper: guidance 7.0 at inference
     max_sequence_length: int = 512
-    tier: str = "bf16"  # how the base weights are stored (studio.memory): bf16 | int8 | nf4
+    tier: str = "bf16"  # how the base weights are stored (studio.engine.memory chooses it): bf16 | int8 | nf4
     quant_backend: str | None = None  # "bitsandbytes" | "quanto" for the quantised tiers
     text_encoders_on_cpu: bool = False  # loaded with offload_text_encoders: they encode on the CPU
 
@@ -109,7 +109,7 @@ class Backbone(ABC):
              **settings) -> Backbone:
         """Load the pipeline from a local folder or hub id with ``from_pretrained``.
 
-        ``tier`` (see :mod:`studio.memory`) stores the transformer's weights in 8 or 4 bits through
+        ``tier`` (see :mod:`studio.engine.memory`) stores the transformer's weights in 8 or 4 bits through
         diffusers' quantisation backends; ``offload_text_encoders`` keeps the text encoders on the
         CPU, where they encode prompts, so they never take GPU memory.
         """
@@ -117,7 +117,7 @@ class Backbone(ABC):
         dtype = default_dtype(device, precision)
         kwargs, backend = {}, None
         if tier != "bf16":
-            from ..memory import pipeline_quantization_config
+            from studio.engine.backbones.quantize import pipeline_quantization_config
 
             kwargs["quantization_config"], backend = pipeline_quantization_config(tier, device, dtype)
         pipe = cls.pipeline_class.from_pretrained(source, torch_dtype=dtype, **kwargs)

@@ -31,9 +31,9 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
 )
 
-from .backbones import KNOWN_BACKBONES
-from .errors import InputError, StudioError
-from .templates import TemplateInfo, TemplateStore
+from studio.engine.backbones import KNOWN_BACKBONES
+from studio.errors import InputError, StudioError
+from studio.store.templates import TemplateInfo, TemplateStore
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def import_from_hub(store: TemplateStore, repo_id: str, token: str | None = None
         raise _hub_error(exc, repo_id) from None
     info = store.import_file(Path(path), name=name)
     if not info.meta.get("source_repo"):
-        from .templates import TEMPLATE_JSON, write_json_atomic
+        from studio.store.templates import TEMPLATE_JSON, write_json_atomic
 
         info.meta["source_repo"] = repo_id
         write_json_atomic(info.path / TEMPLATE_JSON, info.meta)

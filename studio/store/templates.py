@@ -5,7 +5,7 @@ Layout (see docs/ARCHITECTURE.md)::
     <root>/<template_id>/template.json, lora.safetensors, metrics.jsonl, references/, previews/, thumbnail.png
     <root>/.staging/<uuid>/   templates being built (never listed)
     <root>/.trash/<id>-<uuid>/ templates being deleted (never listed)
-    <root>/.index/             caches of studio.retrieval (never listed; safe to delete)
+    <root>/.index/             caches of studio.styles.retrieval (never listed; safe to delete)
 
 A template appears with a single ``os.rename`` of a complete staging folder and disappears
 with a single ``os.rename`` into ``.trash``, so readers never see half a template. Every
@@ -14,9 +14,9 @@ JSON write goes through a temp file in the same folder, ``fsync`` and ``os.repla
 Imports (``.zip`` exports and ``.safetensors`` LoRAs) are checked member by member
 before anything is extracted, never unpickle anything, and are built in a staging
 folder that is removed on any failure, so a rejected file leaves the store unchanged.
-Their template.json keeps only the fields of :mod:`studio.template_schema` (known fields, known
+Their template.json keeps only the fields of :mod:`studio.store.template_schema` (known fields, known
 types and bounds), and their backbone must be one this studio allows
-(:func:`studio.backbones.is_allowed`), else it is mapped by the LoRA's shapes or refused.
+(:func:`studio.engine.backbones.is_allowed`), else it is mapped by the LoRA's shapes or refused.
 
 Every template.json read goes through the same schema, and parsed files are cached by
 (mtime, size, inode), so listing 500 templates does not parse 500 files each time; the listing
@@ -46,10 +46,10 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from studio.backbones import KNOWN_BACKBONES, allowed_backbones, is_allowed
+from studio.engine.backbones import KNOWN_BACKBONES, allowed_backbones, is_allowed
 from studio.errors import InputError, NotFoundError, StudioError
-from studio.images import MAX_NAME_CHARS, slugify, validate_name
-from studio.template_schema import dropped, sanitize
+from studio.media.images import MAX_NAME_CHARS, slugify, validate_name
+from studio.store.template_schema import dropped, sanitize
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ TEMPLATE_JSON = "template.json"
 LORA_FILE = "lora.safetensors"
 STAGING_DIR = ".staging"
 TRASH_DIR = ".trash"
-INDEX_DIR = ".index"  # studio.retrieval's caches (CLIP index, scores): rebuilt when deleted
+INDEX_DIR = ".index"  # studio.styles.retrieval's caches (CLIP index, scores): rebuilt when deleted
 
 # import limits
 MAX_ZIP_MEMBERS = 500
@@ -373,7 +373,7 @@ class TemplateStore:
         ``family`` (and ``created`` if missing), picks a free id ``slugify(name)``,
         ``-2``, ``-3``... and moves the folder into place with one ``os.rename``.
         """
-        from studio import lora_formats
+        from studio.store import lora_formats
 
         staging = Path(staging)
         if not staging.is_dir() or staging.resolve().parent != self.staging_root.resolve():
@@ -609,7 +609,7 @@ class TemplateStore:
         """
         from safetensors.torch import save_file
 
-        from studio import lora_formats
+        from studio.store import lora_formats
 
         info = self.get(template_id)
         tensors, header = self._read_lora(info)
@@ -628,7 +628,7 @@ class TemplateStore:
     def _read_lora(self, info: TemplateInfo):
         from safetensors.torch import load_file
 
-        from studio import lora_formats
+        from studio.store import lora_formats
 
         path = info.path / LORA_FILE
         try:
@@ -691,7 +691,7 @@ class TemplateStore:
         raise StudioError(f"too many templates named {name!r}")
 
     def _stage_safetensors(self, src: Path, staging: Path) -> tuple[dict, str]:
-        from studio import lora_formats
+        from studio.store import lora_formats
 
         _, header = lora_formats.read_safetensors_header(src)  # rejects pickles, zips, bad headers
         lora = staging / LORA_FILE
@@ -786,7 +786,7 @@ def _sanitize_imported(raw: dict, source: str) -> dict:
 
 def _load_staged_lora(lora: Path, meta: dict, source: str):
     """Validate and load the staged LoRA; errors name ``source`` (the file the user gave)."""
-    from studio import lora_formats
+    from studio.store import lora_formats
 
     hint = meta.get("family") if meta.get("family") in lora_formats.FAMILIES else None
     try:
@@ -967,7 +967,7 @@ def _check_member_content(path: Path, rel: str, zip_name: str) -> None:
         if not ok:
             raise _zip_error(zip_name, rel, f"is not a {suffix[1:].upper()} image")
     elif suffix == ".safetensors" and rel != LORA_FILE:
-        from studio import lora_formats
+        from studio.store import lora_formats
 
         try:
             lora_formats.read_safetensors_header(path)

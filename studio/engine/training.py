@@ -30,13 +30,14 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from . import diskspace, snr
-from .backbones import clean
-from .backbones.base import Backbone, LatentDist, host_to_device
-from .errors import CancelledError, StudioError
-from .images import fit_to_budget, make_thumbnail
-from .noise_prior import NoisePrior, compute_prior, start_latents
-from .recipe import Recipe
+from studio import diskspace
+from studio.engine import snr
+from studio.engine.backbones import clean
+from studio.engine.backbones.base import Backbone, LatentDist, host_to_device
+from studio.engine.noise_prior import NoisePrior, compute_prior, start_latents
+from studio.engine.recipe import Recipe
+from studio.errors import CancelledError, StudioError
+from studio.media.images import fit_to_budget, make_thumbnail
 
 ADAPTER = "studio_train"
 # A few of the paper's evaluation prompts (appendix C.2), wrapped in the style prompt.
@@ -53,7 +54,7 @@ class TrainRequest:
     name: str
     recipe: Recipe = field(default_factory=Recipe)
     captions: list[str | None] | None = None  # optional content caption per reference image
-    # A refined template (studio.refine): parent id, round, and the synthetic images, which are the
+    # A refined template (studio.styles.refine): parent id, round, and the synthetic images, which are the
     # last len(lineage["synthetic"]) of ``images``.
     lineage: dict | None = None
 
@@ -281,7 +282,7 @@ def training_paused(backbone: Backbone):
     """Lets a worker generate between training steps with the warm model, then resumes training.
 
     Inside the block the transformer is in eval mode and generation may switch adapters (the
-    training adapter is never deleted by :func:`studio.generation.activate_templates`); on exit
+    training adapter is never deleted by :func:`studio.engine.generation.activate_templates`); on exit
     the training adapter is the only active one again and trainable.
     """
     transformer = backbone.transformer

@@ -8,7 +8,7 @@ delivered twice, or a worker already served it between training steps.
 
 The SQLite file is checked when a queue opens it: a damaged file (random bytes, a broken page)
 is moved aside as ``<file>.corrupt-<time>`` and replaced by an empty queue, which
-:class:`studio.jobs.Jobs` refills from the job records. A file that gets damaged while the
+:class:`studio.jobs.jobs.Jobs` refills from the job records. A file that gets damaged while the
 studio runs is handled the same way on the first error, and every process that has the
 queue open follows the replacement. Repeating consumer errors are logged once, then at
 growing intervals, instead of once a second.
@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +34,8 @@ from huey.api import Huey
 from huey.consumer import Consumer
 from huey.storage import SqliteStorage
 
-from . import config
-from .errors import StudioError
+from studio import config
+from studio.errors import StudioError
 
 log = logging.getLogger("studio.queue")
 
@@ -89,11 +89,14 @@ class Settings:
         return self.queue_file or self.runs_dir / ".queue.sqlite3"
 
 
-def _run_job_message(job_id: str, token: str) -> None:
-    """The one Huey task: hand the message to this process's GPU worker."""
-    from . import worker
+_handler: Callable[[str, str], None] | None = None  # set by the consumer of this process (its GPU worker)
 
-    worker.handle_message(job_id, token)
+
+def _run_job_message(job_id: str, token: str) -> None:
+    """The one Huey task: hand the message to the handler this process's consumer was given."""
+    if _handler is None:
+        raise RuntimeError("no job handler in this process; start a worker with `python -m studio.worker`")
+    _handler(job_id, token)
 
 
 # -- a damaged SQLite queue file -----------------------------------------------------------------
@@ -181,7 +184,7 @@ def recover_sqlite(path: Path) -> Path | None:
 
     Runs under a lock file, so of several processes that notice the damage only the first moves
     the file. Returns where the damaged file went, or None when it was fine. Nothing of it is
-    lost that matters: the job folders are the truth and :meth:`studio.jobs.Jobs.reconcile`
+    lost that matters: the job folders are the truth and :meth:`studio.jobs.jobs.Jobs.reconcile`
     sends their messages again.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -387,12 +390,16 @@ class Queue:
         """Forget a claim once its job reached a final state (the record then says so)."""
         self.huey.storage.delete_data(_claim_key(job_id, token))
 
-    def consumer(self, poll_max_s: float = 1.0) -> Consumer:
+    def consumer(self, handler: Callable[[str, str], None], poll_max_s: float = 1.0) -> Consumer:
         """A Huey consumer with ONE worker thread: one GPU runs one job at a time.
+
+        ``handler(job_id, token)`` runs each message (the queue knows nothing of workers).
 
         SIGTERM stops it gracefully (the running job stops at the next step and is re-queued);
         SIGINT stops it at once (the job resumes from its checkpoint when a worker comes back).
         """
+        global _handler
+        _handler = handler
         quiet_repeats()  # a queue that cannot be read is retried every second: log that once, not each time
         return self.huey.create_consumer(workers=1, worker_type="thread", periodic=False,
                                          initial_delay=0.05, backoff=1.3, max_delay=poll_max_s,

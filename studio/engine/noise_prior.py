@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import snr
-from .errors import InputError
+from studio.engine import snr
+from studio.errors import InputError
 
 if TYPE_CHECKING:
-    from .backbones.base import Backbone
+    from studio.engine.backbones.base import Backbone
 
 PRIOR_FILE = "noise_prior.safetensors"
 MIN_SAMPLES = 8  # fewer samples (references x crops x flips): per-channel statistics

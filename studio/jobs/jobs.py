@@ -4,7 +4,7 @@ The web UI and the CLI talk to :class:`Jobs` only. Each job has a folder ``<runs
 on the shared data folder holding its record ``job.json`` (the source of truth: any web process
 on any host reads it, and it survives restarts), the training's ``request.json``,
 ``references/``, ``metrics.jsonl``, ``previews/``, ``checkpoint/``, ``result/``, a small
-``progress.json`` and, for generations, ``outputs/``. The queue (studio.queue_backend) only
+``progress.json`` and, for generations, ``outputs/``. The queue (studio.jobs.queue) only
 carries "run job X" messages.
 
 Record life cycle::
@@ -36,23 +36,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from . import config
-from .backbones import resolve_allowed
-from .checks import json_object, text
-from .errors import InputError, NotFoundError, StudioError
-from .generation import GenerateOptions, check_request, output_size
-from .images import load_reference_images, validate_name, validate_prompt
-from .queue_backend import PRIORITY, Queue, Settings
-from .recipe import Recipe
-from .templates import TemplateStore
-from .training import TrainRequest, prepare_run
+from studio.checks import json_object, text
+from studio.engine.backbones import default_backbone, resolve_allowed
+from studio.engine.generation import GenerateOptions, check_request, output_size
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run
+from studio.errors import InputError, NotFoundError, StudioError
+from studio.jobs.queue import PRIORITY, Queue, Settings
+from studio.media.images import load_reference_images, validate_name, validate_prompt
+from studio.store.templates import TemplateStore
 
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 STATES = (QUEUED, RUNNING, DONE, FAILED, CANCELLED)
 FINAL = frozenset({DONE, FAILED, CANCELLED})
-KINDS = ("train", "generate")  # a refinement (studio.refine) is a train job; room for "evaluate"
+KINDS = ("train", "generate")  # a refinement (studio.styles.refine) is a train job; room for "evaluate"
 JOB_FILE, PROGRESS_FILE, CANCEL_FILE = "job.json", "progress.json", "cancel"
 WORKERS_DIR = ".workers"  # <runs>/.workers/<worker_id>.json: each worker's heartbeat
 MAX_ATTEMPTS = int(os.environ.get("STUDIO_MAX_ATTEMPTS", "3"))
@@ -180,7 +179,7 @@ class Jobs:
         style = validate_prompt(text(style_prompt, "style prompt", optional=True))
         name = validate_name(text(name, "template name", optional=True) or style[:60])
         recipe_obj = parse_recipe(recipe)
-        spec = resolve_allowed(text(backbone, "backbone", optional=True, max_chars=1000) or config.default_backbone())
+        spec = resolve_allowed(text(backbone, "backbone", optional=True, max_chars=1000) or default_backbone())
         loaded = load_reference_images(list(images or []))
         captions = parse_captions(captions, len(loaded))
 
@@ -201,20 +200,20 @@ class Jobs:
     def submit_refine(self, template_id: str, images: list[str | Path] | None = None,
                       captions: list[str | None] | None = None, auto: dict | None = None,
                       name: str | None = None, recipe: dict | None = None) -> str:
-        """Queue round 2 of a template (StyleDrop's training with feedback, :mod:`studio.refine`).
+        """Queue round 2 of a template (StyleDrop's training with feedback, :mod:`studio.styles.refine`).
 
         Human feedback: ``images`` are the chosen candidates (``captions`` optional). Automatic
         feedback: ``auto`` (dict, may be empty) holds the candidate options; the worker generates,
         lets CLIP pick and then trains. Either way it is a training job on the parent's backbone
-        and recipe (``recipe``: the few changes :data:`studio.refine.RECIPE_OVERRIDES` allows).
+        and recipe (``recipe``: the few changes :data:`studio.styles.refine.RECIPE_OVERRIDES` allows).
         Everything is checked first (no metric models for automatic feedback: InputError saying
         so). Returns the job id.
         """
-        from . import refine
+        from studio.styles import refine
 
         plan = refine.plan_refinement(self.store, template_id, images=images, captions=captions, auto=auto,
                                       name=name, recipe=recipe)
-        spec = resolve_allowed(plan.parent.backbone or config.default_backbone())
+        spec = resolve_allowed(plan.parent.backbone or default_backbone())
         job_id = self._new_id("refine")
         run_dir = self.job_dir(job_id)
         try:
@@ -248,7 +247,7 @@ class Jobs:
         template = self.store.get(text(template_id, "template id")) if template_id else None
         backbone = text(backbone, "backbone", optional=True, max_chars=1000)
         spec = resolve_allowed(backbone or (template.backbone if template and template.backbone else None)
-                       or config.default_backbone())
+                       or default_backbone())
         if template is not None and template.family and template.family != spec.family:
             raise InputError(f"template {template.name!r} was trained for {template.family.upper()}; "
                              f"backbone {spec.backbone_id!r} is {spec.family.upper()}")
@@ -347,7 +346,7 @@ class Jobs:
         (once: a template already made from this job is found, not copied again) and marks the
         job done. Returns the job's status; InputError / NotFoundError when there is nothing to publish.
         """
-        from .training import publish_run
+        from studio.engine.training import publish_run
 
         record = self.read(job_id, fresh=True)
         if record["kind"] != "train":

@@ -39,7 +39,7 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import InputError, StudioError
+from studio.errors import InputError, StudioError
 
 DEFAULT_DINO_MODEL = "facebook/dino-vits16"
 DEFAULT_CLIP_MODEL = "openai/clip-vit-base-patch32"
@@ -274,7 +274,7 @@ def score_template(template_folder: str | os.PathLike, scorer: StyleScorer | Non
     ``{"unavailable": reason}`` when the metric models or the template's files are not there.
     CLIP-T uses the content preview prompts (``clip_t_full`` the prompts as generated).
     """
-    from .training import style_caption
+    from studio.engine.training import style_caption
 
     folder = Path(template_folder)
     scorer = scorer or default_scorer()
@@ -324,7 +324,7 @@ def build_tiny_metric_models(folder: str | os.PathLike, seed: int = 0) -> tuple[
     import torch
     from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
-    from .backbones.tiny import build_clip_tokenizer
+    from studio.engine.backbones.tiny import build_clip_tokenizer
 
     folder = Path(folder)
     dino_dir, clip_dir = folder / "dino", folder / "clip"

@@ -1,8 +1,8 @@
 """template.json's schema: every field the studio writes, its type and its bounds.
 
 :func:`sanitize` keeps the known fields whose values have the type and range the studio itself
-writes (:func:`studio.training.write_result`, the lineage of :mod:`studio.refine`, imports and
-Hub imports in :mod:`studio.templates` / :mod:`studio.hub`, the worker's ``job_id``) and drops
+writes (:func:`studio.engine.training.write_result`, the lineage of :mod:`studio.styles.refine`, imports and
+Hub imports in :mod:`studio.store.templates` / :mod:`studio.store.hub`, the worker's ``job_id``) and drops
 everything else: unknown fields, values of another type, out-of-range numbers, over-long text,
 unsafe paths, and nested objects of another shape (each nested object keeps only its own known
 keys, each list only its valid items). The store applies it to imports before anything is written
@@ -11,7 +11,7 @@ and to every template.json it reads, so nothing a file adds (e.g. a ``{"path": .
 response.
 
 Pure Python, no torch: the listing stays light. The recipe's fields mirror
-:class:`studio.recipe.Recipe` (a test keeps the two in step).
+:class:`studio.engine.recipe.Recipe` (a test keeps the two in step).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class _Invalid(Exception):
 
 
 MAX_TEXT = 2000  # prompts, captions
-MAX_NAME_CHARS = 80  # studio.images.MAX_NAME_CHARS (not imported: keeps this module dependency-free)
+MAX_NAME_CHARS = 80  # studio.media.images.MAX_NAME_CHARS (not imported: keeps this module dependency-free)
 MAX_ID_CHARS = 255
 MAX_PATH_CHARS = 255
 MAX_REFERENCES = 256
@@ -205,7 +205,7 @@ def _fields(value: dict, fields: dict[str, Check]) -> dict:
 
 # --------------------------------------------------------------------------- the schema
 
-# studio.recipe.Recipe's fields with the bounds of Recipe.validate (None: the backbone's default).
+# studio.engine.recipe.Recipe's fields with the bounds of Recipe.validate (None: the backbone's default).
 RECIPE = {
     "steps": integer(1, 100_000),
     "grad_accum": integer(1, 256),
@@ -231,22 +231,22 @@ RECIPE = {
     "default_content": text(MAX_TEXT),
 }
 
-# studio.snr.NoiseSampler.describe()
+# studio.engine.snr.NoiseSampler.describe()
 SAMPLER = {"name": text(32, SAMPLERS), "mu": number(-100.0, 100.0), "sigma": number(0.0, 100.0, open_lo=True),
            "shift": number(0.0, 100.0, open_lo=True)}
 
-# studio.noise_prior.NoisePrior.describe()
+# studio.engine.noise_prior.NoisePrior.describe()
 NOISE_PRIOR = {"file": rel_path, "kind": line(32), "samples": integer(0, 10**7),
                "shape": list_of(integer(0, 10**5), 8), "min_std": number(0.0, 1e3)}
 
 _SCORE = number(-1e3, 1e3)
-# One candidate of an automatic refinement (studio.refine.Candidate.to_dict()).
+# One candidate of an automatic refinement (studio.styles.refine.Candidate.to_dict()).
 CANDIDATE = {"source": file_name, "prompt": optional(text(MAX_TEXT)), "seed": integer(0, MAX_SEED),
              "style": _SCORE, "text": _SCORE, "score": _SCORE}
 # One synthetic image a refined template learned from: a candidate plus its file in the template.
 SYNTHETIC = {**CANDIDATE, "file": rel_path}
 
-# What a refined template records under "refine" (studio.refine.lineage, minus parent and round).
+# What a refined template records under "refine" (studio.styles.refine.lineage, minus parent and round).
 REFINE = {
     "parent_name": line(MAX_ID_CHARS),
     "mode": text(8, ("human", "auto")),
@@ -292,7 +292,7 @@ def sanitize(meta: Any) -> dict:
     """template.json reduced to :data:`SCHEMA`: known fields with valid values only (a new dict).
 
     Never raises: a value that does not fit is left out, as if the file did not have it (the
-    readers have defaults for every field; :class:`studio.templates.TemplateStore` requires
+    readers have defaults for every field; :class:`studio.store.templates.TemplateStore` requires
     ``style_prompt`` itself).
     """
     return _fields(meta, SCHEMA) if isinstance(meta, dict) else {}

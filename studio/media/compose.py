@@ -26,8 +26,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .checks import shown, strict_int
-from .errors import InputError
+from studio.checks import shown, strict_int
+from studio.errors import InputError
 
 FONTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "fonts"
 MEME_FONT = FONTS_DIR / "BebasNeue-Regular.otf"

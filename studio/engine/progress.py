@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .training import Observer, StepReport
+from studio.engine.training import Observer, StepReport
 
 
 class TqdmObserver(Observer):

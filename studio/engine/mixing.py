@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, NotFoundError
+from studio.errors import InputError, NotFoundError
 
 MixedTemplate = tuple[Path, dict, float]  # (template folder, template.json dict, LoRA scale)
 MAX_MIX = 4
@@ -61,7 +61,7 @@ def parse_mix_arg(text: str) -> dict:
 def resolve_mix(store, entries: list[dict]) -> list[MixedTemplate]:
     """Resolve mix entries to (folder, template.json dict, scale).
 
-    With a ``store`` (a :class:`studio.templates.TemplateStore`) a plain id names a template in
+    With a ``store`` (a :class:`studio.store.templates.TemplateStore`) a plain id names a template in
     it; an entry naming a template folder (with template.json) is read directly. Without a
     store only folders resolve. A plain id wins over a same-named folder in the working
     directory, so a worker's cwd can never change which template a job mixes in.

@@ -8,7 +8,7 @@ from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from PIL import Image
 
-from .base import Backbone, Cond, Sampling, decoder_device
+from studio.engine.backbones.base import Backbone, Cond, Sampling, decoder_device
 
 # The paper's LoRA targets for FLUX (appendix, Fig. S3). In the 19 double-stream blocks they
 # hit the attention of both streams (image: to_q/k/v, to_out.0; text: add_q/k/v_proj); in the

@@ -3,8 +3,8 @@
 The base pipeline stays loaded; templates' LoRAs are swapped in and out with diffusers'
 ``load_lora_weights`` / ``set_adapters`` / ``delete_adapters``, never by reloading the model.
 Options beyond plain sampling, all off by default: mixing further templates in at their own
-weights (:mod:`studio.mixing`), fusion / style-schedule sampling (:mod:`studio.fusion`) and
-starting from the template's style noise prior (:mod:`studio.noise_prior`).
+weights (:mod:`studio.engine.mixing`), fusion / style-schedule sampling (:mod:`studio.engine.fusion`) and
+starting from the template's style noise prior (:mod:`studio.engine.noise_prior`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import fusion
-from .backbones.base import Backbone
-from .checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
-from .errors import InputError
-from .images import validate_prompt
-from .mixing import MixedTemplate, resolve_mix, validate_mix
-from .noise_prior import NoisePrior, start_latents
-from .recipe import (
+from studio.checks import MAX_SEED, boolean, finite_float, shown, strict_int, text
+from studio.engine import fusion
+from studio.engine.backbones.base import Backbone
+from studio.engine.mixing import MixedTemplate, resolve_mix, validate_mix
+from studio.engine.noise_prior import NoisePrior, start_latents
+from studio.engine.recipe import (
     MAX_GUIDANCE,
     MAX_PROMPT_CHARS,
     MAX_RESOLUTION,
@@ -34,8 +32,10 @@ from .recipe import (
     MIN_RESOLUTION,
     stored_resolution,
 )
-from .training import ADAPTER as TRAINING_ADAPTER
-from .training import style_caption
+from studio.engine.training import ADAPTER as TRAINING_ADAPTER
+from studio.engine.training import style_caption
+from studio.errors import InputError
+from studio.media.images import validate_prompt
 
 # Aspect presets: width:height ratios, sized to the backbone's pixel budget.
 ASPECTS = {"1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "3:2": (3, 2), "2:3": (2, 3),
@@ -143,7 +143,7 @@ def output_size(options: GenerateOptions, default_resolution: int, meta: dict | 
 
     Explicit ``width`` / ``height`` win; the rest comes from the aspect at the request's resolution,
     else the template's training resolution (``meta``, a template.json dict; a bad stored value is
-    refused, see :func:`studio.recipe.stored_resolution`), else ``default_resolution`` (the backbone's).
+    refused, see :func:`studio.engine.recipe.stored_resolution`), else ``default_resolution`` (the backbone's).
     """
     width, height = options.width, options.height
     if width is None or height is None:
@@ -210,7 +210,7 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
 
     ``template`` is ``(folder, template.json dict)`` or None for the bare base model. ``mix``
     holds the resolved ``(folder, template.json dict, scale)`` of ``options.mix`` (see
-    :func:`studio.mixing.resolve_mix`; entries that are folder paths are resolved here when it
+    :func:`studio.engine.mixing.resolve_mix`; entries that are folder paths are resolved here when it
     is None). Each PNG carries its generation parameters in PNG text chunks ("parameters" and
     "studio").
     """

@@ -4,7 +4,7 @@ each template's style scores (seed 000's DINO / CLIP-I / CLIP-T on its previews)
 Retrieval-augmented diffusion swaps its image database for a style database at inference time and
 queries it with CLIP embeddings. Here the database is the template store: every template's
 reference images and its final-step previews (step 0 previews are the base model, not the style)
-are embedded with the CLIP ViT-B/32 image tower of :mod:`studio.metrics`, and
+are embedded with the CLIP ViT-B/32 image tower of :mod:`studio.styles.metrics`, and
 
 * :meth:`StyleIndex.search_text` ranks templates by CLIP text-image similarity to a query, after
   the templates whose name or style prompt contain every query word (an artist who types
@@ -24,7 +24,7 @@ Delete the folder and the next search rebuilds it. The model key changes with th
 embeddings of two models never mix.
 
 **Scores** (:func:`template_scores`) are computed on first request with
-:func:`studio.metrics.score_template` and cached in ``<store>/.index/scores/<id>.json`` with a
+:func:`studio.styles.metrics.score_template` and cached in ``<store>/.index/scores/<id>.json`` with a
 signature of the files they were computed from, so imported templates get scores too and a
 template whose previews change is rescored.
 
@@ -32,7 +32,7 @@ template whose previews change is rescored.
 busy training (a queued job would wait minutes), and CLIP ViT-B/32 + DINO ViT-S/16 are small
 (~0.2 B parameters together; ~50 ms per image on a CPU core). Keeping them off the GPU keeps the
 web process from taking GPU memory next to FLUX. The models load lazily on the first search or
-card view, never at import time, and never download (:func:`studio.metrics.default_scorer`).
+card view, never at import time, and never download (:func:`studio.styles.metrics.default_scorer`).
 
 Without the metric models, text search falls back to the name / style-prompt match with a note
 saying why; image search and scores raise / report the reason.
@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError, StudioError
-from .metrics import CLIP_ENV, DINO_ENV, StyleScorer, default_scorer
-from .templates import INDEX_DIR, TemplateInfo, TemplateStore, write_json_atomic
+from studio.errors import InputError, StudioError
+from studio.store.templates import INDEX_DIR, TemplateInfo, TemplateStore, write_json_atomic
+from studio.styles.metrics import CLIP_ENV, DINO_ENV, StyleScorer, default_scorer
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ class StyleIndex:
 
     @staticmethod
     def _open(path: Path):
-        from .images import load_image  # the same guards as uploads: a template folder may come from a zip
+        from studio.media.images import load_image
 
         try:
             return load_image(path)
@@ -342,7 +342,7 @@ class StyleIndex:
         Each query image is compared to each template's images; a template's similarity is the best
         match per query image, averaged over the query images. ``min_similarity`` drops weaker ones.
         """
-        from .images import load_reference_images
+        from studio.media.images import load_reference_images
 
         k = _check_k(k)
         pictures = load_reference_images([str(p) for p in images])  # clear errors for bad files, before any model
@@ -386,11 +386,11 @@ def template_scores(store: TemplateStore, template_id: str, scorer: StyleScorer 
     """A template's style scores on its final previews, computed once and cached.
 
     Returns ``{"available": True, "dino", "clip_i", "clip_t", "clip_t_full", "n_images", "step",
-    "previews", "prompts", "per_image"}`` (see :func:`studio.metrics.score_template`) or
+    "previews", "prompts", "per_image"}`` (see :func:`studio.styles.metrics.score_template`) or
     ``{"available": False, "reason": ...}`` when the metric models are missing or the template has
     nothing to score (e.g. an imported LoRA without previews).
     """
-    from .metrics import score_template
+    from studio.styles.metrics import score_template
 
     scorer = scorer or shared_scorer()
     info = store.get(template_id)

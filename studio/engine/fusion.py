@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from .backbones.base import Backbone, Cond
+from studio.engine.backbones.base import Backbone, Cond
 
 
 @dataclass
@@ -74,7 +74,7 @@ def fused_generate(backbone: Backbone, cond: Cond, weights: list[float], *, seed
                    trace: list[StepTrace] | None = None) -> Image.Image:
     """One image whose step ``i`` follows ``v_base + weights[i] * (v_template - v_base)``.
 
-    The template LoRAs must already be active (:func:`studio.generation.activate_templates`).
+    The template LoRAs must already be active (:func:`studio.engine.generation.activate_templates`).
     ``trace``, when given, receives one :class:`StepTrace` per step (tests, ablations).
     """
     run = backbone.prepare_sampling(cond, seed=seed, steps=steps, guidance=guidance, width=width,

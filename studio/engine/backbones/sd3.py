@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
 )
 from PIL import Image
 
-from .base import Backbone, Cond, Sampling, decoder_device
+from studio.engine.backbones.base import Backbone, Cond, Sampling, decoder_device
 
 # The paper's LoRA targets for SD3/3.5 (appendix, Fig. S3): every attention projection of
 # both streams of the joint blocks. The last block is context_pre_only and has no

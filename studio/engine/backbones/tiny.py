@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import config
+from studio import config
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the UI may import the backbone registry
     import torch
@@ -601,8 +601,8 @@ def _pretrain_flux(pipe, steps: int, seed: int, log: Callable[[str], None] | Non
     import torch
     import torch.nn.functional as F
 
-    from .. import snr
-    from .flux import FluxBackbone
+    from studio.engine import snr
+    from studio.engine.backbones.flux import FluxBackbone
 
     backbone = FluxBackbone("tiny", "", pipe, torch.device("cpu"), torch.float32)
     backbone.max_sequence_length = TINY_MAX_SEQUENCE_LENGTH

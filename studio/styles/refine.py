@@ -31,11 +31,11 @@ from typing import Any
 
 from PIL import Image
 
-from .errors import InputError, NotFoundError, StudioError
-from .images import MAX_NAME_CHARS, MAX_REFERENCE_IMAGES, load_image, load_reference_images, validate_name
-from .recipe import Recipe
-from .templates import TemplateInfo, TemplateStore
-from .training import TrainRequest, prepare_run, write_json
+from studio.engine.recipe import Recipe
+from studio.engine.training import TrainRequest, prepare_run, write_json
+from studio.errors import InputError, NotFoundError, StudioError
+from studio.media.images import MAX_NAME_CHARS, MAX_REFERENCE_IMAGES, load_image, load_reference_images, validate_name
+from studio.store.templates import TemplateInfo, TemplateStore
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def candidate_prompts(n: int = DEFAULT_CANDIDATES, offset: int = 0) -> list[str]
     ``offset`` starts further along the same order ("make other candidates"). Subjects that differ
     from the references are the point: they show whether the template learned the style or the content.
     """
-    from .evaluate import PAPER_PROMPTS
+    from studio.styles.evaluate import PAPER_PROMPTS
 
     if not 1 <= n <= MAX_CANDIDATES:
         raise InputError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")
@@ -145,7 +145,7 @@ def generate_candidates(backbone, template: tuple[Path, dict], prompts: Sequence
     A candidate already on disk is kept (an interrupted job resumes; generation is deterministic).
     ``check`` runs before each image (it raises to stop); ``on_image(done, total)`` after each.
     """
-    from .generation import GenerateOptions, generate
+    from studio.engine.generation import GenerateOptions, generate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     found = []
@@ -227,7 +227,7 @@ def lineage(parent: TemplateInfo, mode: str, synthetic: list[dict], **details: A
     """What a refined template records about where it came from (see the module docstring).
 
     ``synthetic``: one dict per chosen image, in the order they follow the references (prompt,
-    source file name, seed and scores when known). :func:`studio.training.prepare_run` adds each
+    source file name, seed and scores when known). :func:`studio.engine.training.prepare_run` adds each
     one's ``file`` in the new template.
     """
     return {"parent": parent.id, "parent_name": parent.name, "round": template_round(parent.meta) + 1,
@@ -318,7 +318,7 @@ def plan_refinement(store: TemplateStore, template_id: str, *, images: Sequence[
 
 def auto_plan(parent: TemplateInfo, name: str, recipe: Recipe, options: dict, scorer=None) -> dict:
     """Validate automatic-feedback options and return the plan :func:`prepare_automatic` runs."""
-    from .generation import GenerateOptions
+    from studio.engine.generation import GenerateOptions
 
     opts = dict(options or {})
     known = {"candidates", "top_k", "seed", "steps", "lora_scale", "prompts", "style_metric"}
@@ -356,7 +356,7 @@ def auto_plan(parent: TemplateInfo, name: str, recipe: Recipe, options: dict, sc
 
 def check_scorer(scorer=None) -> None:
     """InputError with the reason when the metric models (CLIP, DINO) are not available here."""
-    from .metrics import CLIP_ENV, DINO_ENV, StyleScorer
+    from studio.styles.metrics import CLIP_ENV, DINO_ENV, StyleScorer
 
     scorer = scorer or StyleScorer(download=False)
     ok, reason = scorer.available()
@@ -373,7 +373,7 @@ def prepare_automatic(backbone, run_dir: Path, store: TemplateStore, scorer,
                       say: Callable[[str], None] | None = None, check: Callable[[], None] | None = None) -> dict:
     """Run an automatic refinement's plan (``run_dir/refine.json``): generate the candidates into
     ``run_dir/candidates``, score them, keep the top k and write the round-2 training request into
-    ``run_dir`` (:func:`studio.training.prepare_run`). Returns the lineage written.
+    ``run_dir`` (:func:`studio.engine.training.prepare_run`). Returns the lineage written.
 
     ``say`` gets progress messages; ``check`` runs between candidates (it raises to stop).
     """

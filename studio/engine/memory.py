@@ -12,7 +12,7 @@ tier      base weights                                  typical card (FLUX.1-dev
 ========  ============================================  ==========================================
 
 Levers that stack with every tier: the text encoders run once and leave the GPU (always, see
-:mod:`studio.training`); when the encoding phase itself would not fit, they never come onto the GPU
+:mod:`studio.engine.training`); when the encoding phase itself would not fit, they never come onto the GPU
 and run on the CPU instead (``offload_text_encoders``); gradient checkpointing (on by default on
 GPUs); the VAE stays (it decodes previews) and is small.
 
@@ -46,13 +46,12 @@ The GPU benchmark (benchmarks/bench_train.py) prints this estimate beside the me
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError, InsufficientMemoryError
+from studio.errors import InputError, InsufficientMemoryError
 
 GB = 2**30
 TIER_CHOICES = ("auto", "bf16", "int8", "nf4")
@@ -167,8 +166,8 @@ def _count_transformer(family: str, config: dict) -> tuple[int, int, int, int, i
     import torch
     from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-    from .backbones.flux import FLUX_LORA_TARGETS
-    from .backbones.sd3 import SD3_LORA_TARGETS
+    from studio.engine.backbones.flux import FLUX_LORA_TARGETS
+    from studio.engine.backbones.sd3 import SD3_LORA_TARGETS
 
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     cls, targets = ((FluxTransformer2DModel, FLUX_LORA_TARGETS) if family == "flux"
@@ -247,12 +246,12 @@ def _text_tokens(folder: Path, family: str) -> int:
 
 def arch_for_backbone(backbone_id: str) -> str:
     """The architecture :func:`arch_params` counts for a backbone name, folder or hub id."""
-    from .backbones import KNOWN_BACKBONES, resolve
+    from studio.engine.backbones import KNOWN_BACKBONES, resolve
 
     if backbone_id in REFERENCE_ARCHS:
         return backbone_id
     if backbone_id == "tiny":
-        from .backbones.tiny import ensure_tiny_flux
+        from studio.engine.backbones.tiny import ensure_tiny_flux
 
         return str(ensure_tiny_flux())
     spec = resolve(backbone_id)
@@ -460,7 +459,7 @@ def requested_tier(recipe_tier: str | None) -> str:
 def plan_for(backbone_id: str, *, tier: str | None = "auto", resolution: int | None = None, rank: int = 32,
              checkpointing: bool | None = None, mode: str = "train", device=None) -> MemoryPlan:
     """The memory plan for a backbone on this machine (detected GPU memory and RAM)."""
-    from .backbones import resolve
+    from studio.engine.backbones import resolve
 
     spec = resolve(backbone_id)
     gpu, ram = detect_memory(device)
@@ -469,63 +468,8 @@ def plan_for(backbone_id: str, *, tier: str | None = "auto", resolution: int | N
 
 
 def plan_training(backbone_id: str, recipe, device=None) -> MemoryPlan:
-    """:func:`plan_for` with a :class:`~studio.recipe.Recipe` (or its dict)."""
+    """:func:`plan_for` with a :class:`~studio.engine.recipe.Recipe` (or its dict)."""
     data = recipe if isinstance(recipe, dict) else recipe.to_dict()
     return plan_for(backbone_id, tier=data.get("tier"), resolution=data.get("resolution"),
                     rank=int(data.get("rank") or 32), checkpointing=data.get("gradient_checkpointing"), device=device)
 
-
-def available_backends() -> list[str]:
-    """Installed quantisation backends diffusers can drive (found without importing them)."""
-    return [name for name, module in (("bitsandbytes", "bitsandbytes"), ("quanto", "optimum.quanto"))
-            if _has_module(module)]
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def quantization_backend(device) -> str:
-    """bitsandbytes on CUDA (its NF4 / LLM.int8 kernels), else optimum-quanto (also runs on the CPU).
-
-    ``STUDIO_QUANT_BACKEND=bitsandbytes|quanto`` forces one. diffusers' bitsandbytes quantiser
-    refuses to run without a GPU, so the CPU always uses quanto.
-    """
-    on_gpu = str(device).startswith("cuda")
-    wanted = (os.environ.get("STUDIO_QUANT_BACKEND") or "").strip().lower()
-    have = available_backends()
-    order = [wanted] if wanted else (["bitsandbytes", "quanto"] if on_gpu else ["quanto"])
-    for name in order:
-        if name in have and (on_gpu or name != "bitsandbytes"):
-            return name
-    need = ("`pip install bitsandbytes` (GPU) or `pip install optimum-quanto`" if on_gpu
-            else "`pip install optimum-quanto` (bitsandbytes needs a GPU)")
-    raise InputError(f"the 8-bit and 4-bit tiers need a quantisation backend: {need}")
-
-
-def pipeline_quantization_config(tier: str, device, compute_dtype):
-    """diffusers' ``PipelineQuantizationConfig`` that quantises the transformer for ``tier``; and its backend.
-
-    Only the transformer is quantised: the LoRA trains on it, and the text encoders run once per job.
-    """
-    from diffusers import PipelineQuantizationConfig
-
-    backend = quantization_backend(device)
-    if backend == "bitsandbytes":
-        from diffusers import BitsAndBytesConfig
-
-        config = (BitsAndBytesConfig(load_in_8bit=True) if tier == "int8" else
-                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=compute_dtype))
-    else:
-        import warnings
-
-        from diffusers import QuantoConfig
-
-        with warnings.catch_warnings():  # diffusers marks quanto deprecated for 1.0; it is what runs on CPUs
-            warnings.simplefilter("ignore", FutureWarning)
-            config = QuantoConfig(weights_dtype="int8" if tier == "int8" else "int4")
-    return PipelineQuantizationConfig(quant_mapping={"transformer": config}), backend
