@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from studio.api import StudioAPI
     from studio.jobs.jobs import Jobs
-    from studio.jobs.worker import Supervisor
+    from studio.jobs.supervisor import Supervisor
     from studio.ui import build_demo
     from studio.ui.auth import LoginThrottle, login_note
     from studio.ui.common import CSS

@@ -26,7 +26,7 @@ from test_queue_recovery import damage_page, make_jobs
 
 from studio.jobs.jobs import DONE, FINAL, Jobs
 from studio.jobs.queue import Settings
-from studio.jobs.worker import Supervisor
+from studio.jobs.supervisor import Supervisor
 
 FAST = {"steps": 4, "preview_every": 2, "checkpoint_every": 0, "grad_accum": 1, "rank": 4}
 SESSIONS = 20  # browser sessions the app keeps (its default is 200; Gradio's own 10,000)

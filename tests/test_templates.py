@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from studio.errors import InputError, NotFoundError
-from studio.store import lora_formats, templates
+from studio.store import exchange, files, lora_formats, templates
 from studio.store.templates import TemplateStore
 
 H, R = 32, 4
@@ -190,7 +190,7 @@ def test_json_writes_are_atomic(store, monkeypatch):
     def crash(*a, **k):
         raise OSError(errno.ENOSPC, "disk full")
 
-    monkeypatch.setattr(templates.json, "dump", crash)
+    monkeypatch.setattr(files.json, "dump", crash)
     with pytest.raises(OSError):
         store.rename("atomic", "New name")
     assert (info.path / "template.json").read_bytes() == before
@@ -485,7 +485,7 @@ def bad_imports(tmp: Path, good: dict[str, bytes]) -> dict[str, tuple]:
     card = json.loads(good["template.json"])
     no_prompt = json.dumps({k: v for k, v in card.items() if k != "style_prompt"})
     wrong_family = json.dumps({**card, "family": "sd3"})
-    many = {f"previews/p{i}.json": b"{}" for i in range(templates.MAX_ZIP_MEMBERS)}
+    many = {f"previews/p{i}.json": b"{}" for i in range(exchange.MAX_ZIP_MEMBERS)}
     without = {name: {k: v for k, v in good.items() if k != name} for name in ("lora.safetensors", "template.json")}
     return {
         "zip ../ path": (lambda: write_zip(tmp / "a.zip", {**good, "../evil.json": b"{}"}), "unsafe path"),
@@ -550,7 +550,7 @@ def test_malicious_or_broken_imports_are_rejected_and_change_nothing(case, store
 def test_size_limits_are_checked_from_the_declared_sizes(limit, value, needle, store, tmp_path, monkeypatch):
     good = template_members(store)
     archive = write_zip(tmp_path / "big.zip", good)
-    monkeypatch.setattr(templates, limit, value)
+    monkeypatch.setattr(exchange, limit, value)
     before = snapshot(store)
     with pytest.raises(InputError, match=needle):
         store.import_file(archive)
@@ -596,7 +596,7 @@ def test_import_guesses_the_backbone_from_the_lora_width(store, tmp_path):
 
 
 def test_tiny_widths_match_the_built_tiny_model(tiny_folder):
-    from studio.store.templates import BACKBONES_BY_WIDTH
+    from studio.store.exchange import BACKBONES_BY_WIDTH
 
     config = json.loads((Path(tiny_folder) / "transformer" / "config.json").read_text())
     width = config["num_attention_heads"] * config["attention_head_dim"]
@@ -777,8 +777,8 @@ def test_the_listing_comes_in_pages_from_parsed_files_cached(store, monkeypatch)
             store.page(offset=offset, limit=limit)
 
     parsed = []
-    real_read = templates._read_template_json
-    monkeypatch.setattr(templates, "_read_template_json", lambda *a: parsed.append(a) or real_read(*a))
+    real_read = templates.read_template_json
+    monkeypatch.setattr(templates, "read_template_json", lambda *a: parsed.append(a) or real_read(*a))
     assert median_seconds(store.page) < 0.2  # generous: ~10 ms on a quiet machine
     assert parsed == []  # nothing parsed again: every file is cached by (mtime, size, inode)
     store.rename("t499", "Renamed")

@@ -15,7 +15,7 @@ import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors.torch import load_file
 
-from studio.engine.backbones import tiny
+from studio.engine.backbones import tiny, tiny_pretrain
 from studio.engine.backbones.tiny import (
     MARKER,
     TINY_DEFAULT_RESOLUTION,
@@ -41,9 +41,9 @@ def flux_folder(tiny_folder: Path) -> Path:
 @pytest.fixture
 def quick_build(monkeypatch: pytest.MonkeyPatch) -> None:
     """Builds in this test run the full pipeline with a few seconds of pre-training instead of ~1 min."""
-    monkeypatch.setattr(tiny, "_PRETRAIN_STEPS", 12)
-    monkeypatch.setattr(tiny, "_PRETRAIN_POOL", 96)
-    monkeypatch.setattr(tiny, "_ALIGN_STEPS", 4)
+    monkeypatch.setattr(tiny_pretrain, "PRETRAIN_STEPS", 12)
+    monkeypatch.setattr(tiny_pretrain, "_PRETRAIN_POOL", 96)
+    monkeypatch.setattr(tiny_pretrain, "_ALIGN_STEPS", 4)
 
 
 @pytest.fixture(scope="session")
@@ -255,7 +255,7 @@ def test_pretraining_data(flux_pipe) -> None:
     import random
 
     rng = random.Random(0)
-    scenes = [tiny._scene(rng) for _ in range(200)]
+    scenes = [tiny_pretrain._scene(rng) for _ in range(200)]
     words = set(tiny._word_list())
     for image, caption in scenes:
         assert image.shape == (3, 64, 64) and 0 <= image.min() and image.max() <= 1
@@ -263,7 +263,7 @@ def test_pretraining_data(flux_pipe) -> None:
     images = torch.stack([img for img, _ in scenes[:16]]) * 2 - 1
     with torch.no_grad():
         encoded = flux_pipe.vae.encode(images).latent_dist.mean
-    assert (tiny._colour_latents(images) - encoded).abs().max() < 1e-3
+    assert (tiny_pretrain._colour_latents(images) - encoded).abs().max() < 1e-3
 
 
 def test_style_training_moves_previews_toward_the_reference(tiny_backbone, tmp_path: Path) -> None:

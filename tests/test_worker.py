@@ -16,7 +16,7 @@ import pytest
 from queue_helpers import BACKENDS, make_settings, redis_url, wait_for, write_image  # noqa: F401 (redis_url: a fixture)
 
 from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING, Jobs
-from studio.jobs.worker import Supervisor
+from studio.jobs.supervisor import Supervisor
 from studio.store import lora_formats
 
 FAST = {"steps": 3, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}

@@ -30,7 +30,8 @@ from studio.engine.recipe import Recipe
 from studio.errors import InputError
 from studio.jobs.jobs import CANCELLED, DONE, FAILED, Jobs
 from studio.jobs.queue import Settings
-from studio.jobs.worker import Supervisor, Worker
+from studio.jobs.supervisor import Supervisor
+from studio.jobs.worker import Worker
 from studio.store import lora_formats
 
 FAST = {"steps": 2, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from studio.checks import shown, strict_int
 from studio.errors import InputError
 
-FONTS_DIR = Path(__file__).resolve().parent.parent / "assets" / "fonts"
+FONTS_DIR = Path(__file__).resolve().parents[2] / "assets" / "fonts"
 MEME_FONT = FONTS_DIR / "BebasNeue-Regular.otf"
 CAPTION_FONT = FONTS_DIR / "ComicNeue-Bold.otf"
 FONT_FOLDERS = ("/usr/share/fonts", "/usr/local/share/fonts", "~/.local/share/fonts", "~/.fonts",

@@ -2,7 +2,7 @@
 
 :func:`sanitize` keeps the known fields whose values have the type and range the studio itself
 writes (:func:`studio.engine.training.write_result`, the lineage of :mod:`studio.styles.refine`, imports and
-Hub imports in :mod:`studio.store.templates` / :mod:`studio.store.hub`, the worker's ``job_id``) and drops
+Hub imports in :mod:`studio.store.exchange` / :mod:`studio.store.hub`, the worker's ``job_id``) and drops
 everything else: unknown fields, values of another type, out-of-range numbers, over-long text,
 unsafe paths, and nested objects of another shape (each nested object keeps only its own known
 keys, each list only its valid items). The store applies it to imports before anything is written

@@ -801,7 +801,7 @@ def render_grid(ev: Evaluation, style: Style, by_unit: dict, cell: int = 192) ->
 
 
 def _default_styles() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets" / "eval" / "styles"
+    return Path(__file__).resolve().parents[2] / "assets" / "eval" / "styles"
 
 
 def build_parser() -> argparse.ArgumentParser:
