@@ -19,5 +19,13 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
 fi
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 GRADIO_ANALYTICS_ENABLED=False
+export STUDIO_CACHE=${STUDIO_CACHE:-$HOME/.cache/style-studio}  # built models, shared with the app and later runs
 ruff check .
-python -m pytest -q "$@"
+lint-imports --no-cache >/dev/null || lint-imports --no-cache  # the layers: quiet when kept, the report when broken
+# Build the tiny backbone once (about 1.5 min the first time) before the test processes share it.
+python -c "from studio.engine.backbones.tiny import ensure_tiny_flux, ensure_tiny_sd3; ensure_tiny_flux(); ensure_tiny_sd3()" \
+  2>/dev/null
+# One test process per core (pytest-xdist); a module's tests stay together so its fixtures are built once.
+# TEST_WORKERS=0 runs in this process (for pdb); `./test.sh -m "not slow"` is the quick loop.
+[ "${TEST_WORKERS:-auto}" = 0 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per test process
+python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

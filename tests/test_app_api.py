@@ -12,9 +12,12 @@ from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/template", "/generate", "/export_template",
              "/import_template", "/import_hub", "/rename_template", "/delete_template", "/share_template",
              "/search_templates", "/similar_templates", "/template_scores", "/refine_candidates", "/refine"}
+
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 MAX_UPLOAD_MB = 2
 

@@ -28,6 +28,8 @@ from studio.jobs.jobs import DONE, FINAL, Jobs
 from studio.jobs.queue import Settings
 from studio.jobs.supervisor import Supervisor
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 FAST = {"steps": 4, "preview_every": 2, "checkpoint_every": 0, "grad_accum": 1, "rank": 4}
 SESSIONS = 20  # browser sessions the app keeps (its default is 200; Gradio's own 10,000)
 
@@ -89,6 +91,7 @@ def event_output(app: RunningApp, elem_id: str, trigger: str, data: list):
                     assert msg.get("success"), msg
                     return msg["output"]["data"][dep["outputs"].index(target)]
     pytest.fail("the event did not complete")
+
 
 
 def test_only_what_the_page_shows_is_served(recovered):

@@ -118,6 +118,7 @@ def test_odd_formats_train_and_list(store, tmp_path, capsys):
     assert "Odd\todd formats\ttiny" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_readme_demo_command_end_to_end(tmp_path):
     """The README's command, as a user runs it: paper recipe, visible progress, last line = folder."""
     env = {**os.environ, "STUDIO_STORE": str(tmp_path / "store"), "STUDIO_RUNS": str(tmp_path / "runs")}

@@ -15,6 +15,9 @@ import pytest
 from app_helpers import start_app
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
+
 try:
     from playwright.sync_api import expect, sync_playwright
 except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt); the browser fixture skips

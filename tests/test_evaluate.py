@@ -26,6 +26,8 @@ from studio.styles.evaluate import (
 )
 from studio.styles.metrics import StyleScorer, build_tiny_metric_models
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ["flat_cartoon/sd3", "flat_cartoon/style_friendly", "watercolor/sd3", "watercolor/style_friendly"]
 
@@ -47,6 +49,7 @@ def smoke(tmp_path_factory, metric_models):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == str(out / "table.md")
     return out, args
+
 
 
 def unit_result(out: Path, unit: str) -> dict:

@@ -23,6 +23,8 @@ from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Settings
 from studio.ui import gen_options
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 RECIPE = {"steps": 30, "lr": 5e-3, "preview_every": 0, "checkpoint_every": 0}
 PLAIN = {"steps": 6, "seed": 4}
 
@@ -75,6 +77,7 @@ def templates(api, tmp_path_factory) -> dict:
     blue = [reference(folder / "blue.png", (30, 90, 230), 24)]
     return {"red": trained(api, reds, "flat poster", "Red poster", noise_prior=True),
             "blue": trained(api, blue, "flat poster", "Blue poster")}
+
 
 
 def pixels(path) -> np.ndarray:

@@ -150,6 +150,7 @@ def _train(backbone, run_dir, image):
     return train(backbone, run_dir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tier", ["nf4", "int8"])
 def test_lora_trained_on_a_quantised_base_loads_into_the_plain_pipeline(tier, tiny_backbone, tmp_path):
     pytest.importorskip("optimum.quanto")

@@ -23,6 +23,8 @@ from studio.styles import refine
 from studio.styles.evaluate import PAPER_PROMPTS
 from studio.styles.metrics import StyleScorer, build_tiny_metric_models
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 FAST = {"steps": 6, "preview_every": 3, "grad_accum": 1, "rank": 4}
 ROUND2 = {"steps": 4, "preview_every": 2}  # changes to the parent's recipe a refinement may make
 
@@ -41,6 +43,7 @@ def expected_picks(scorer: StyleScorer, candidates: list[Path], prompts: list[st
     score = [max(s, 0.0) * max(t, 0.0) for s, t in zip(style, text, strict=True)]
     order = sorted(range(len(candidates)), key=lambda i: (-score[i], -style[i], i))
     return [candidates[i].name for i in order[:k]]
+
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from PIL import Image
 
 from studio.styles.metrics import build_tiny_metric_models
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 ROOT = Path(__file__).resolve().parent.parent
 
 try:
@@ -51,6 +53,7 @@ def test_refine_with_favourites_in_the_gallery(browser, app):
     while client.predict(job, api_name="/job_status")["state"] != "done" and time.monotonic() < deadline:
         time.sleep(0.3)
     client.close()
+
 
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.set_default_timeout(30_000)

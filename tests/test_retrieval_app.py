@@ -22,6 +22,8 @@ from test_e2e_browser import expect
 
 from studio.styles.metrics import build_tiny_metric_models
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 RED, BLUE = (215, 40, 35), (35, 50, 210)
 NEW_ENDPOINTS = {"/search_templates", "/similar_templates", "/template_scores"}
@@ -77,6 +79,7 @@ def templates(client, images) -> dict[str, str]:
         assert status["state"] == "done", status["error"]
         out[name] = status["template_id"]
     return out
+
 
 
 def error_of(client, *args, api_name) -> str:

@@ -93,6 +93,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
             for k, v in load_file(folder / part / f"{name}.safetensors").items()}
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_keeps_caller_rng_and_threads(quick_build: None, tmp_path: Path) -> None:
     """Two builds give identical bytes (the same code path as the full build, with a shorter schedule)."""
     threads = torch.get_num_threads()
@@ -266,6 +267,7 @@ def test_pretraining_data(flux_pipe) -> None:
     assert (tiny_pretrain._colour_latents(images) - encoded).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 def test_style_training_moves_previews_toward_the_reference(tiny_backbone, tmp_path: Path) -> None:
     """The paper's recipe (300 steps x 4, lr 1e-4, rank 32, style-friendly sampler) on the watercolour example:
     the previews the UI shows take on the reference's pale palette."""

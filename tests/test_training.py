@@ -128,6 +128,7 @@ def test_flux_loss_is_plain_velocity_mse(tiny_backbone):
     assert loss.item() == pytest.approx(((pred - packed_target) ** 2).mean().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_default_run_is_fast_samples_the_style_friendly_distribution_and_learns(tiny_backbone, tmp_path):
     """The paper's recipe (300 steps x 4) on tiny: timing, the 1,200 t values, and learning."""
     start = time.perf_counter()
@@ -210,6 +211,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny_backbone, tmp_path):
     assert [r["t"] for r in metrics(full)] == [r["t"] for r in metrics(resumed)]
 
 
+@pytest.mark.slow
 def test_sd3_sampler_option(tiny_backbone, tmp_path):
     _, result = run(tiny_backbone, tmp_path, sampler="sd3", steps=150, preview_every=0)
     t = np.array([v for r in metrics(result) for v in r["t"]])

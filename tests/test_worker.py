@@ -19,6 +19,8 @@ from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING, Jo
 from studio.jobs.supervisor import Supervisor
 from studio.store import lora_formats
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 FAST = {"steps": 3, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}
 # Test-only hook (see studio.jobs.worker._test_oom_hook): step 3 of the job named "oom-me" runs out of memory.
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "STUDIO_HEARTBEAT_S": "0.5",
@@ -55,6 +57,7 @@ def wait_final(env, job_id, timeout=90.0) -> dict:
 def wait_step(env, job_id, step, timeout=60.0) -> dict:
     return wait_for(lambda: (s := env.jobs.status(job_id))["step"] >= step and s, timeout,
                     f"job {job_id} to reach step {step}\n{read_log(env)}")
+
 
 
 def template_of(env) -> str:

@@ -34,6 +34,8 @@ from studio.jobs.supervisor import Supervisor
 from studio.jobs.worker import Worker
 from studio.store import lora_formats
 
+pytestmark = pytest.mark.slow  # starts the app or a worker process
+
 FAST = {"steps": 2, "grad_accum": 1, "preview_every": 0, "checkpoint_every": 0, "rank": 4}
 
 
@@ -50,6 +52,7 @@ def env(tmp_path_factory, tiny_folder):
     yield SimpleNamespace(settings=settings, jobs=Jobs(settings=settings), worker=worker,
                           image=write_image(root / "ref.png"))
     worker.jobs.queue.close()
+
 
 
 def run(env, job_id: str) -> dict:

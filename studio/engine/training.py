@@ -25,8 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -245,6 +243,8 @@ def attach_lora(backbone: Backbone, recipe: Recipe) -> list[torch.nn.Parameter]:
     detach_lora(backbone)
     transformer = backbone.transformer
     torch.manual_seed(recipe.seed)  # gaussian init of lora_A is drawn from the global RNG
+    from peft import LoraConfig  # here, not at the top: the web process imports this module, never peft
+
     config = LoraConfig(r=recipe.rank, lora_alpha=recipe.lora_alpha, init_lora_weights="gaussian",
                         target_modules=list(backbone.lora_targets))
     transformer.add_adapter(config, adapter_name=ADAPTER)
@@ -356,6 +356,8 @@ def save_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer
     tmp = run_dir / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    from peft.utils import get_peft_model_state_dict
+
     lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
     save_file({k: v.detach().float().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
     state = optimizer.state_dict()["state"]
@@ -381,6 +383,8 @@ def load_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer
     if not (folder / "state.json").exists():
         return 0
     step = json.loads((folder / "state.json").read_text())["step"]
+    from peft.utils import set_peft_model_state_dict
+
     set_peft_model_state_dict(transformer, load_file(folder / "lora.safetensors"), adapter_name=ADAPTER)
     tensors = load_file(folder / "optimizer.safetensors")
     state: dict[int, dict] = {}
@@ -411,6 +415,8 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
     shutil.rmtree(result, ignore_errors=True)
     result.mkdir()
     transformer = backbone.transformer
+    from peft.utils import get_peft_model_state_dict
+
     lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
     spoiled = [k for k, v in lora.items() if not bool(torch.isfinite(v).all())]
     if spoiled:  # never hand a NaN template to the store (it refuses one too)
