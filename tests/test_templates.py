@@ -246,15 +246,7 @@ def test_damaged_folders_are_skipped_with_a_warning(store, caplog):
 
 
 def test_listing_500_templates_is_fast(store):
-    for i in range(500):
-        folder = store.root / f"t{i:03d}"
-        folder.mkdir()
-        (folder / "lora.safetensors").write_bytes(b"x")  # listing never opens it
-        card = {"id": folder.name, "name": f"Style {i}", "style_prompt": f"style number {i}",
-                "backbone": "flux-dev", "family": "flux",
-                "created": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}+00:00",
-                "recipe": {"rank": 32}, "references": [f"references/ref_{j:02d}.png" for j in range(10)]}
-        (folder / "template.json").write_text(json.dumps(card))
+    write_templates(store, 500)
     store.list()  # warm the OS cache once, as a running studio would be
     start = time.perf_counter()
     listed = store.list()

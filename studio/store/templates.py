@@ -152,20 +152,21 @@ class TemplateInfo:
         value = self.meta.get("name")
         return value if isinstance(value, str) and value else self.id
 
+    def _text(self, key: str) -> str:
+        value = self.meta.get(key)
+        return value if isinstance(value, str) else ""
+
     @property
     def style_prompt(self) -> str:
-        value = self.meta.get("style_prompt")
-        return value if isinstance(value, str) else ""
+        return self._text("style_prompt")
 
     @property
     def backbone(self) -> str:
-        value = self.meta.get("backbone")
-        return value if isinstance(value, str) else ""
+        return self._text("backbone")
 
     @property
     def family(self) -> str:
-        value = self.meta.get("family")
-        return value if isinstance(value, str) else ""
+        return self._text("family")
 
     @property
     def created(self) -> str:
