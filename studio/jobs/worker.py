@@ -73,12 +73,13 @@ class WarmBackbones:
         self.max_loaded = max_loaded
         self.loads = 0  # how many times this process loaded a model
 
-    def get(self, backbone_id: str, precision: str = "auto", plan=None):
+    def get(self, backbone_id: str, precision: str = "auto", plan=None, on_download=None):
         """(backbone, seconds spent loading it now: 0.0 when it was warm).
 
         ``plan`` (a :class:`studio.engine.memory.MemoryPlan`) says how to load it: memory tier and text
         encoder placement. Without one (generation) a warm copy of the backbone is used as it is,
         else it is loaded as :func:`studio.engine.memory.plan_for` picks for generating.
+        ``on_download`` gets the progress of a first download from the Hub (see :func:`load_backbone`).
         """
         from studio.engine.backbones import load_backbone
 
@@ -101,7 +102,7 @@ class WarmBackbones:
         log.info("loading backbone %s (%s, %s)", backbone_id, precision, plan.describe())
         start = time.perf_counter()
         backbone = load_backbone(backbone_id, precision=precision, tier=plan.tier.name,
-                                 offload_text_encoders=plan.offload_text_encoders)
+                                 offload_text_encoders=plan.offload_text_encoders, on_download=on_download)
         backbone.clean_state = clean.capture(backbone)
         self.loads += 1
         self.loaded[key] = backbone
@@ -119,6 +120,11 @@ class WarmBackbones:
         for key in [k for k, v in self.loaded.items() if v is backbone]:
             del self.loaded[key]
         release_memory()
+
+
+def download_message(progress) -> str:
+    """A job's message while its model downloads; once done, the loading that follows."""
+    return progress.describe() + ("; loading the model" if progress.finished else "")
 
 
 def release_memory() -> None:
@@ -331,7 +337,8 @@ class Worker:
         plan = plan_training(record["backbone"], recipe)
         self._note(job_id, token, memory_tier=plan.tier.name, expected_peak_bytes=plan.peak_bytes,
                    message=f"{plan.describe()}; loading the model")
-        backbone, load_s = self.backbones.get(record["backbone"], recipe.get("precision") or "auto", plan)
+        backbone, load_s = self.backbones.get(record["backbone"], recipe.get("precision") or "auto", plan,
+                                              on_download=self._download_note(job_id, token, f"{plan.describe()}; "))
         attempt = int(record.get("attempts", 1))
         self._note(job_id, token, load_s=round(load_s, 3), backbone_loads=self.backbones.loads,
                    message=(f"{plan.describe()}; " if plan.on_gpu else "") +
@@ -433,7 +440,7 @@ class Worker:
         # so a template deleted since then fails the job with a message instead of mid-way.
         mix = resolve_mix(self.store, options.mix)
         if backbone is None:
-            backbone, load_s = self.backbones.get(record["backbone"])
+            backbone, load_s = self.backbones.get(record["backbone"], on_download=self._download_note(job_id, token))
             self._note(job_id, token, load_s=round(load_s, 3), backbone_loads=self.backbones.loads)
         names: list[str] = []
         for k in range(options.num_images):  # one image at a time: cancel works between images
@@ -516,6 +523,12 @@ class Worker:
                               expect_token=token)
         else:
             log.warning("job %s: stopped, another worker owns it now", job_id)
+
+    def _download_note(self, job_id: str, token: str, prefix: str = ""):
+        """A callback that shows a first model download in the job's message (throttled by the downloader)."""
+        def say(progress) -> None:
+            self._note(job_id, token, message=prefix + download_message(progress))
+        return say
 
     def _note(self, job_id: str, token: str, message: str | None = None, outputs: list[str] | None = None,
               **timing) -> None:

@@ -155,11 +155,13 @@ def resolve_allowed(backbone_id: str) -> BackboneSpec:
 
 
 def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: str = "bf16",
-                  offload_text_encoders: bool = False):
+                  offload_text_encoders: bool = False, on_download=None):
     """Load a backbone's pipeline once; callers keep the returned object warm.
 
     ``tier`` and ``offload_text_encoders`` come from :func:`studio.engine.memory.plan_for` (the default is
-    the unquantised model with everything on the device, as before tiers existed).
+    the unquantised model with everything on the device, as before tiers existed). A hub id is first
+    downloaded into the Hugging Face cache by :func:`studio.engine.backbones.download.ensure_downloaded`,
+    which hands its progress to ``on_download`` (a :class:`~studio.engine.backbones.download.DownloadProgress`).
     """
     from studio.engine.backbones.flux import FluxBackbone
     from studio.engine.backbones.sd3 import SD3Backbone
@@ -181,5 +183,12 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: 
             default_resolution=TINY_DEFAULT_RESOLUTION, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
         )
     cls = FluxBackbone if spec.family == "flux" else SD3Backbone
-    return cls.load(spec.backbone_id, spec.source, device=device, precision=precision, tier=tier,
-                    offload_text_encoders=offload_text_encoders)
+    folder = spec.source
+    if not Path(folder).is_dir():  # a hub id: download with progress first, then load the local snapshot
+        from studio.engine.backbones.download import ensure_downloaded
+
+        folder = str(ensure_downloaded(spec.source, on_progress=on_download))
+    backbone = cls.load(spec.backbone_id, folder, device=device, precision=precision, tier=tier,
+                        offload_text_encoders=offload_text_encoders)
+    backbone.source = spec.source  # templates record the hub id as their base model, not a cache path
+    return backbone
