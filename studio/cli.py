@@ -39,10 +39,15 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resolution", type=int, help="pixel budget side (512; tiny 64)")
     g.add_argument("--seed", type=int)
     g.add_argument("--precision", help="auto | bf16 | fp16 | fp32")
-    g.add_argument("--tier", choices=["auto", "bf16", "int8", "nf4"],
+    g.add_argument("--tier", choices=["auto", "bf16", "fp8", "int8", "nf4"],
                    help="memory tier of the base weights: auto picks from the GPU's memory (env STUDIO_TIER); "
-                        "bf16 full, int8 8-bit, nf4 4-bit (QLoRA)")
+                        "bf16 full, fp8 8-bit float, int8 8-bit integer, nf4 4-bit (QLoRA)")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--micro-batch", type=int,
+                   help="samples per forward pass (default: as many of the accumulated samples as memory allows; "
+                        "same gradient)")
+    g.add_argument("--compile-blocks", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile each transformer block (a compile pause first; faster long runs)")
     g.add_argument("--preview-every", type=int, help="steps between previews (50; 0 = off)")
     g.add_argument("--preview-steps", type=int, help="denoising steps per preview")
     g.add_argument("--preview-prompt", help="an extra content prompt to preview")
@@ -163,8 +168,8 @@ def cmd_train(args: argparse.Namespace, store) -> int:
         raise StudioError(f"give one caption per image ({len(images)}), or none")
     overrides = {k: getattr(args, k) for k in (
         "steps", "grad_accum", "lr", "rank", "alpha", "sampler", "mu", "sigma", "shift", "offset_noise",
-        "noise_prior", "resolution", "seed", "precision", "tier", "gradient_checkpointing", "preview_every",
-        "preview_steps", "preview_prompt", "checkpoint_every")}
+        "noise_prior", "resolution", "seed", "precision", "tier", "gradient_checkpointing", "micro_batch",
+        "compile_blocks", "preview_every", "preview_steps", "preview_prompt", "checkpoint_every")}
     recipe = Recipe.from_preset(args.preset, **overrides).validate()
     spec = resolve(args.backbone)
 

@@ -35,11 +35,13 @@ REFS = [reference(c, s) for c, s in zip(COLORS, (8, 24, 40, 16), strict=True)]
 
 @contextmanager
 def transformer_inputs(backbone):
-    """Record (hidden_states, timestep) of every transformer call."""
+    """Record (hidden_states, timestep) of every sample the transformer sees (a batch: each of its samples)."""
     seen = []
 
     def hook(_module, _args, kwargs):
-        seen.append((kwargs["hidden_states"].detach().clone(), kwargs["timestep"].detach().clone()))
+        states, steps = kwargs["hidden_states"].detach(), kwargs["timestep"].detach().reshape(-1)
+        for k in range(states.shape[0]):
+            seen.append((states[k:k + 1].clone(), steps[k:k + 1].clone() if steps.numel() > 1 else steps.clone()))
 
     handle = backbone.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     try:

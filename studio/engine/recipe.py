@@ -28,7 +28,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048  # pixel budget side, training and gen
 MAX_SAMPLING_STEPS = 200  # denoising steps of a preview or a generation
 MAX_PROMPT_CHARS = 1000
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-TIERS = ("auto", "bf16", "int8", "nf4")
+TIERS = ("auto", "bf16", "fp8", "int8", "nf4")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # The paper's recipe.
@@ -59,8 +59,12 @@ class Recipe:
     seed: int = 0
     train_guidance: float = 1.0  # FLUX-dev's guidance embedding while training (paper: 1.0)
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
-    tier: str = "auto"  # memory tier of the base weights (studio.engine.memory): auto | bf16 | int8 | nf4
+    tier: str = "auto"  # memory tier of the base weights (studio.engine.memory): auto | bf16 | fp8 | int8 | nf4
     gradient_checkpointing: bool | None = None  # None: on for GPUs
+    # Samples of an optimiser step per forward pass (None: all of them on a CPU; on a GPU as many as
+    # the memory plan allows). The gradient is the same as accumulating them one by one.
+    micro_batch: int | None = None
+    compile_blocks: bool = False  # torch.compile each transformer block (pays on long runs, see BENCHMARKS.md)
     preview_every: int = 50
     preview_steps: int | None = None  # denoising steps for previews; None: backbone default
     preview_prompt: str | None = None
@@ -89,6 +93,9 @@ class Recipe:
         self.precision = text(self.precision, "precision", choices=PRECISIONS)
         self.tier = text(self.tier, "memory tier", choices=TIERS)
         self.gradient_checkpointing = boolean(self.gradient_checkpointing, "gradient checkpointing", optional=True)
+        self.micro_batch = strict_int(self.micro_batch, "micro-batch (samples per forward pass)", 1, MAX_GRAD_ACCUM,
+                                      optional=True)
+        self.compile_blocks = boolean(self.compile_blocks, "compile blocks")
         self.preview_every = strict_int(self.preview_every, "preview interval (preview_every; 0 turns it off)",
                                         0, MAX_STEPS)
         self.preview_steps = strict_int(self.preview_steps, "preview denoising steps", 1, MAX_SAMPLING_STEPS,

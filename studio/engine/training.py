@@ -11,6 +11,7 @@ uninterrupted one because every random draw is seeded from (seed, step).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import resource
 import shutil
 import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -142,9 +144,20 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     sampler = recipe.noise_sampler(backbone.family)
     try:
         return _train(backbone, run_dir, observer, request, recipe, sampler)
+    except BaseException as exc:
+        # The frames of a failed step hold the optimiser, the gradients and the activations; free
+        # them before the text encoders come back below, or both would be on the GPU at once.
+        traceback.clear_frames(exc.__traceback__)
+        raise
     finally:
         # Whatever happened (done, cancelled, an error inside peft or a step), the warm model goes
         # back to how it was loaded: no LoRA or peft state, no checkpointing, encoders back in place.
+        # The LoRA (fp32 weights, gradients, Adam's moments) goes first, and its memory is returned
+        # to the allocator before the encoders are restored: no end-of-job spike.
+        clean.remove_adapters(backbone)
+        gc.collect()
+        if backbone.device.type == "cuda":
+            torch.cuda.empty_cache()
         clean.restore(backbone)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -175,11 +188,18 @@ def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict,
     params = attach_lora(backbone, recipe)
     check_training_space(run_dir, request, recipe, sum(p.numel() for p in params))
     optimizer = torch.optim.Adam(params, lr=recipe.lr)
+    del params  # the optimiser holds them; no other reference outlives the job
     on_gpu = backbone.device.type == "cuda"
     checkpointing = on_gpu if recipe.gradient_checkpointing is None else recipe.gradient_checkpointing
     if checkpointing:
         transformer.enable_gradient_checkpointing()
+    if recipe.compile_blocks:
+        compile_blocks(transformer)
     autocast = torch.autocast("cuda", dtype=backbone.dtype, enabled=on_gpu and backbone.dtype != torch.float32)
+    # fp16 (cards without bf16) overflows where bf16 does not: scale the loss, and skip a step whose
+    # gradients overflowed. The LoRA weights are fp32, so unscaling is exact. Off for bf16 / fp32.
+    scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
+    micro_batch = micro_batch_size(recipe, backbone)
 
     start = load_checkpoint(run_dir, transformer, optimizer)
     metrics_path = run_dir / "metrics.jsonl"
@@ -201,21 +221,23 @@ def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict,
         generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
         optimizer.zero_grad(set_to_none=True)
         loss_sum, ts = torch.zeros((), device=backbone.device), []
-        for micro in range(recipe.grad_accum):
-            i = (step * recipe.grad_accum + micro) % len(latents)
+        indices = [(step * recipe.grad_accum + micro) % len(latents) for micro in range(recipe.grad_accum)]
+        for chunk in micro_batches(indices, latents, micro_batch):
             with autocast:
-                loss, t = flow_matching_loss(backbone, latents[i], train_conds[i], sampler, generator,
-                                             recipe.offset_noise, recipe.train_guidance, prior)
-            (loss / recipe.grad_accum).backward()
-            loss_sum += loss.detach()  # summed on the device: one sync per step, not per micro-step
-            ts.append(float(t[0]))
+                loss, t = flow_matching_loss(backbone, [latents[i] for i in chunk], [train_conds[i] for i in chunk],
+                                             sampler, generator, recipe.offset_noise, recipe.train_guidance, prior)
+            # ``loss`` is the chunk's mean: weighted by its size, the gradient equals accumulation's
+            scaler.scale(loss * (len(chunk) / recipe.grad_accum)).backward()
+            loss_sum += loss.detach() * len(chunk)  # summed on the device: one sync per step, not per micro-step
+            ts.extend(t.tolist())  # t was drawn on the host: no sync
         step_loss = loss_sum.item() / recipe.grad_accum
         if not math.isfinite(step_loss):  # before the optimiser step: the LoRA and checkpoint stay finite
             raise NonFiniteLossError(
                 f"training stopped at step {step} of {recipe.steps}: the loss became "
                 f"{'NaN' if math.isnan(step_loss) else 'infinite'}; try a lower learning rate "
                 f"(this run: {recipe.lr:g}) or the default sampler settings")
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
 
         steps_this_session += 1
         elapsed = time.perf_counter() - loop_start
@@ -256,25 +278,80 @@ def attach_lora(backbone: Backbone, recipe: Recipe) -> list[torch.nn.Parameter]:
     return params
 
 
-def flow_matching_loss(backbone: Backbone, latent: LatentDist, cond, sampler: snr.NoiseSampler,
+def flow_matching_loss(backbone: Backbone, latent: LatentDist | list[LatentDist], cond, sampler: snr.NoiseSampler,
                        generator: torch.Generator, offset_noise: float = 0.0,
                        guidance: float = 1.0, noise_prior: NoisePrior | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sample's loss ``|| (eps - x0) - v(x_t, t) ||^2`` (paper Eq. 3) and its ``t``.
+    """The loss ``|| (eps - x0) - v(x_t, t) ||^2`` (paper Eq. 3) and the host tensor of ``t``.
 
-    Draw order (x0, t, eps) is fixed so a seeded generator reproduces the exact sample. With a
-    style ``noise_prior`` eps is ``mean + std * z`` instead of ``z`` (same draws), and the
-    target stays ``eps - x0`` with that eps.
+    One sample, or a batch (lists of latents and conditionings of the same latent shape): then
+    the loss is the mean of the samples' losses, each drawn exactly as it would be alone.
+    Draw order (x0, t, eps per sample) is fixed so a seeded generator reproduces the exact
+    samples whichever way they are batched. With a style ``noise_prior`` eps is ``mean + std * z``
+    instead of ``z`` (same draws), and the target stays ``eps - x0`` with that eps.
     """
-    x0 = latent.sample(generator)
-    t = sampler.sample(1, generator)
-    noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator)
-    if noise_prior is not None:
-        noise = noise_prior.apply(noise)
-    noise, t_device = host_to_device(noise, x0.device), host_to_device(t, x0.device)  # no GPU sync
+    latents = latent if isinstance(latent, list) else [latent]
+    x0s, ts, noises = [], [], []
+    for one in latents:
+        x0 = one.sample(generator)
+        ts.append(sampler.sample(1, generator))
+        noise = snr.offset_noise(tuple(x0.shape), offset_noise, generator)
+        noises.append(noise_prior.apply(noise) if noise_prior is not None else noise)
+        x0s.append(x0)
+    x0, t = torch.cat(x0s), torch.cat(ts)
+    noise, t_device = host_to_device(torch.cat(noises), x0.device), host_to_device(t, x0.device)  # no GPU sync
     x_t = snr.add_noise(x0, t_device, noise)
-    pred = backbone.predict_velocity(x_t, t_device, cond, guidance)
+    pred = backbone.predict_velocity(x_t, t_device, stack_conds(cond) if isinstance(cond, list) else cond, guidance)
+    # Mean over each sample's elements, then over the batch: equal to the mean of the single losses.
     return F.mse_loss(pred.float(), snr.velocity_target(x0, noise).float()), t
+
+
+def stack_conds(conds: list) -> dict[str, torch.Tensor]:
+    """One conditioning for a batch: per-sample tensors (batch dimension 1) joined along it.
+
+    Tensors without a batch dimension (FLUX's text position ids) are shared, and a batch of one
+    prompt keeps its batch of 1 (the backbones broadcast it).
+    """
+    first = conds[0]
+    if all(c is first for c in conds):
+        return first
+    return {key: torch.cat([c[key] for c in conds]) if value.dim() > 1 and value.shape[0] == 1 else value
+            for key, value in first.items()}
+
+
+def micro_batches(indices: list[int], latents: list[LatentDist], size: int) -> list[list[int]]:
+    """The optimiser step's samples in forward passes of at most ``size`` consecutive ones.
+
+    Only neighbours with the same latent shape share a pass (references of other aspect ratios
+    have other shapes); consecutive, so every sample draws its noise in the same order as in
+    plain accumulation and the gradient is the same.
+    """
+    chunks: list[list[int]] = []
+    for i in indices:
+        last = chunks[-1] if chunks else None
+        if last and len(last) < size and latents[last[0]].mean.shape == latents[i].mean.shape:
+            last.append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def micro_batch_size(recipe: Recipe, backbone: Backbone) -> int:
+    """Samples per forward pass: the recipe's ``micro_batch``, or by default the whole step's on a CPU
+    and one at a time (the paper's accumulation) on a GPU unless the memory plan allows more."""
+    if recipe.micro_batch is not None:
+        return min(recipe.micro_batch, recipe.grad_accum)
+    if backbone.device.type != "cuda":
+        return recipe.grad_accum
+    return max(1, min(recipe.grad_accum, int(getattr(backbone, "train_micro_batch", 1) or 1)))
+
+
+def compile_blocks(transformer: torch.nn.Module) -> None:
+    """``torch.compile`` each transformer block in place (regional compilation: one block's graph is
+    compiled once and reused by its repeats); :func:`studio.engine.backbones.clean.restore` undoes it."""
+    backend = os.environ.get("STUDIO_COMPILE_BACKEND") or "inductor"
+    for block in clean.transformer_blocks(transformer):
+        block.compile(backend=backend, dynamic=False)
 
 
 @contextmanager

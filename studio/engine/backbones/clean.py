@@ -58,6 +58,7 @@ def restore(backbone) -> list[str]:
     transformer = backbone.transformer
     steps = (
         ("gradient checkpointing", lambda: _disable_checkpointing(transformer)),
+        ("compiled blocks", lambda: uncompile(transformer)),
         ("LoRA adapters", lambda: remove_adapters(backbone)),
         ("eval mode", transformer.eval),
         ("frozen weights", lambda: transformer.requires_grad_(False)),
@@ -99,6 +100,8 @@ def problems(backbone, state: CleanState) -> list[str]:
     transformer = backbone.transformer
     if any(m.training for m in transformer.modules()):
         found.append("the transformer is in training mode")
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()):
+        found.append("transformer blocks are still compiled")
     if bool(getattr(transformer, "is_gradient_checkpointing", False)) != state.checkpointing:
         found.append("gradient checkpointing is still on")
     params = dict(transformer.named_parameters())
@@ -120,6 +123,22 @@ def problems(backbone, state: CleanState) -> list[str]:
     if misplaced:
         found.append(f"components not on their devices: {', '.join(misplaced)}")
     return found
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer's repeated blocks (FLUX: double- and single-stream; SD3: joint blocks)."""
+    return [*getattr(transformer, "transformer_blocks", []), *getattr(transformer, "single_transformer_blocks", [])]
+
+
+def uncompile(transformer: torch.nn.Module) -> None:
+    """Undo ``Module.compile()`` on every submodule (a recipe may compile the blocks for one job).
+
+    ``Module.compile`` keeps the compiled callable in ``_compiled_call_impl``; without it the
+    module runs its plain ``forward`` again, so the next job (other adapters) traces nothing stale.
+    """
+    for module in transformer.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
 
 
 def components(backbone) -> Iterator[tuple[str, torch.nn.Module]]:

@@ -46,7 +46,9 @@ class SD3Backbone(Backbone):
         dtype = self.transformer.dtype
         return self.transformer(
             hidden_states=x_t.to(dtype),
-            timestep=(t * 1000.0).to(x_t.device, dtype),  # SD3 takes time steps on the 0..1000 scale
+            # SD3 takes time steps on the 0..1000 scale, in fp32 as its pipeline passes them: in bf16
+            # they would round to steps of 4/1000 while x_t was made with the exact t.
+            timestep=(t.float() * 1000.0).to(x_t.device),
             encoder_hidden_states=cond["prompt_embeds"].expand(b, -1, -1).to(dtype),
             pooled_projections=cond["pooled_prompt_embeds"].expand(b, -1).to(dtype),
             return_dict=False,
