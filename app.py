@@ -91,37 +91,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.environ["STUDIO_BACKBONE"] = backbone  # the worker and every request default to it
 
-    import gradio as gr
-    from starlette.middleware import Middleware
-
-    from studio.api import StudioAPI
     from studio.jobs.jobs import Jobs
     from studio.jobs.supervisor import Supervisor
-    from studio.ui import build_demo
-    from studio.ui.auth import LoginThrottle, login_note
-    from studio.ui.common import CSS
 
     try:
         jobs = Jobs()  # opens the queue: a damaged SQLite queue file is set aside and refilled from the job records
     except (StudioError, OSError, sqlite3.Error) as exc:
         print(f"error: cannot open the job queue or the data folder: {exc}", file=sys.stderr)
         return 2
-    api = StudioAPI(jobs, backbone=backbone)
     supervisor = None
-    if not args.no_worker:
+    if not args.no_worker:  # first: the worker loads the model while this process imports Gradio and builds the page
         supervisor = Supervisor(jobs, backbone=backbone)
         supervisor.start()
         log.info("worker log: %s", supervisor.log_path)
-    if backbone == "tiny":
-        log.warning("running on the tiny offline demo backbone (no GPU or no model weights); "
-                    "use --backbone flux-dev on a GPU for real styles")
-    api.warm_index()  # style search: embed templates that are new since the last start, in the background
-    demo = build_demo(api)  # shows files of the data folders as copies in Gradio's cache (studio.ui.served)
-    demo.queue(default_concurrency_limit=1)
-    host = args.host
-    if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
-        log.warning("listening on %s without --auth: anyone who can reach this port can use the studio", host)
-    try:
+
+    try:  # from here on the worker runs: stop it however this process ends
+        import gradio as gr
+        from starlette.middleware import Middleware
+
+        from studio.api import StudioAPI
+        from studio.ui import build_demo
+        from studio.ui.auth import LoginThrottle, login_note
+        from studio.ui.common import CSS
+
+        api = StudioAPI(jobs, backbone=backbone)
+        if backbone == "tiny":
+            log.warning("running on the tiny offline demo backbone (no GPU or no model weights); "
+                        "use --backbone flux-dev on a GPU for real styles")
+        api.warm_index()  # style search: embed templates that are new since the last start, in the background
+        demo = build_demo(api)  # shows files of the data folders as copies in Gradio's cache (studio.ui.served)
+        demo.queue(default_concurrency_limit=1)
+        host = args.host
+        if host not in ("127.0.0.1", "localhost", "::1") and auth is None:
+            log.warning("listening on %s without --auth: anyone who can reach this port can use the studio", host)
         demo.launch(
             server_name=host, server_port=args.port, share=args.share, auth=auth,
             auth_message=f"Style Template Studio: please log in. {login_note()}",
