@@ -29,8 +29,10 @@ def free_port() -> int:
 
 
 class RunningApp:
-    def __init__(self, root: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None):
+    def __init__(self, root: Path, extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 worker: bool = True):
         self.root = root
+        self.worker = worker  # False: --no-worker (a test that only reads and imports needs no model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log = root / "app.log"
@@ -41,8 +43,9 @@ class RunningApp:
                     "STUDIO_HEARTBEAT_S": "0.5", "NO_PROXY": "localhost,127.0.0.1", **(env or {})}
         full_env.pop("STUDIO_DATA", None)
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(self.port),
-                                          *(extra_args or [])], cwd=root, env=full_env, stdout=out,
+            args = [str(ROOT / "app.py"), "--port", str(self.port), *(extra_args or []),
+                    *([] if worker else ["--no-worker"])]
+            self.proc = subprocess.Popen([sys.executable, *args], cwd=root, env=full_env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -52,7 +55,7 @@ class RunningApp:
                 pytest.fail(f"the app exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.url + "gradio_api/info", timeout=2) as r:
-                    if r.status == 200 and self.worker_ready():
+                    if r.status == 200 and (not self.worker or self.worker_ready()):
                         return
             except OSError:
                 pass
@@ -70,6 +73,16 @@ class RunningApp:
         for log in worker.glob("*.log") if worker.is_dir() else []:
             text += f"\n--- {log.name}\n" + log.read_text(errors="replace")[-n:]
         return text[-2 * n:]
+
+    def kill(self) -> None:
+        """End of a test module: no graceful shutdown (that path has its own tests), just gone at once.
+
+        The worker lives in its own session; it sees its parent gone at its next heartbeat (0.5 s
+        here) and stops itself.
+        """
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,7 +27,7 @@ def app(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("app")
     running = start_app(root, extra_args=["--max-upload-mb", str(MAX_UPLOAD_MB)])
     yield running
-    running.stop()
+    running.kill()
 
 
 @pytest.fixture(scope="module")
@@ -299,3 +299,17 @@ def test_the_gallery_shows_a_page_at_a_time(tmp_path):
     assert ids[-1] == "t000" and offset == 2 * size and newer and not older and label.endswith("of 60")
     assert shown(1000)[1] == 2 * size  # past the end (templates were deleted): the last page
     jobs.queue.close()
+
+
+def test_ctrl_c_stops_the_app_and_its_worker(app):
+    """Last in this file (it stops the module's app): Ctrl-C ends the web process, which stops its worker."""
+    import os
+
+    status = next((app.root / "runs" / ".workers").glob("*.json"))
+    worker_pid = json.loads(status.read_text())["pid"]
+    started = time.monotonic()
+    app.stop()
+    assert app.proc.returncode is not None and time.monotonic() - started < 40
+    with pytest.raises(ProcessLookupError):  # the worker is gone too (it is not a child of the test)
+        os.kill(worker_pid, 0)
+    assert not status.exists()  # it said goodbye: its status file is removed on a clean exit

@@ -54,7 +54,7 @@ def recovered(tmp_path_factory, tiny_folder):
     client = Client(app.url, verbose=False, analytics_enabled=False)
     yield app, client, job_ids
     client.close()
-    app.stop()
+    app.kill()
 
 
 def test_a_queue_file_of_random_bytes_is_recovered_at_start(recovered):
@@ -189,7 +189,7 @@ def locked_app(tmp_path_factory):
             pytest.fail(f"the app did not start:\n{app.tail()}")
         time.sleep(0.3)
     yield app
-    app.stop()
+    app.kill()
 
 
 def login(app: RunningApp, password: str) -> httpx.Response:

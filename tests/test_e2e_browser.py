@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt);
 def app(tmp_path_factory, tiny_folder):
     running = start_app(tmp_path_factory.mktemp("e2e"))
     yield running
-    running.stop()
+    running.kill()
 
 
 def refs(tmp_path: Path) -> list[str]:

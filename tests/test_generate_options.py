@@ -33,7 +33,7 @@ PLAIN = {"steps": 6, "seed": 4}
 def app(tmp_path_factory, tiny_folder):
     running = start_app(tmp_path_factory.mktemp("options"))
     yield running
-    running.stop()
+    running.kill()
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def app(tmp_path_factory, tiny_folder, metric_models):
     running = start_app(tmp_path_factory.mktemp("refine-app"),
                         env={"STUDIO_DINO_MODEL": str(dino), "STUDIO_CLIP_MODEL": str(clip)})
     yield running
-    running.stop()
+    running.kill()
 
 
 @pytest.fixture(scope="module")

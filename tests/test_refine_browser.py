@@ -33,7 +33,7 @@ def app(tmp_path_factory, tiny_folder):
     dino, clip = build_tiny_metric_models(root / "metric-models")  # the card shows scores, as with real models
     running = start_app(root, env={"STUDIO_DINO_MODEL": str(dino), "STUDIO_CLIP_MODEL": str(clip)})
     yield running
-    running.stop()
+    running.kill()
 
 
 def crop_to(path: Path, page, first: str, last: str) -> None:

@@ -56,7 +56,7 @@ def images(tmp_path_factory) -> dict[str, list[str]]:
 def app(tmp_path_factory, tiny_folder, models):
     running = start_app(tmp_path_factory.mktemp("retrieval-app"), env=models)
     yield running
-    running.stop()
+    running.kill()
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,8 @@ def test_without_metric_models_the_studio_says_why(tmp_path_factory, tiny_folder
                                                    browser):
     zipped = client.predict(templates["blue"], "zip", api_name="/export_template")
     bare = start_app(tmp_path_factory.mktemp("no-metrics"),
-                     env={"STUDIO_DINO_MODEL": "/nonexistent/dino", "STUDIO_CLIP_MODEL": "/nonexistent/clip"})
+                     env={"STUDIO_DINO_MODEL": "/nonexistent/dino", "STUDIO_CLIP_MODEL": "/nonexistent/clip"},
+                     worker=False)  # import, scores and search run in the web process
     try:
         c = Client(bare.url, verbose=False, analytics_enabled=False)
         tid = c.predict(handle_file(zipped), api_name="/import_template")["id"]
@@ -253,4 +254,4 @@ def test_without_metric_models_the_studio_says_why(tmp_path_factory, tiny_folder
         expect(page.locator("#template-scores")).to_contain_text("STUDIO_DINO_MODEL")
         ctx.close()
     finally:
-        bare.stop()
+        bare.kill()
