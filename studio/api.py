@@ -35,7 +35,8 @@ from studio.engine.recipe import MAX_RESOLUTION, MAX_SAMPLING_STEPS, MIN_RESOLUT
 from studio.engine.snr import sampler_for
 from studio.engine.training import preview_prompts
 from studio.errors import InputError, StudioError
-from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, Jobs, parse_generate_options
+from studio.jobs.jobs import Jobs, parse_generate_options
+from studio.jobs.records import CANCELLED, DONE, FAILED, FINAL
 from studio.media import compose
 from studio.media.images import MAX_NAME_CHARS
 from studio.store.templates import TemplateInfo
@@ -56,7 +57,7 @@ MODE_KEYS = {
 }
 STATUS_KEYS = ("id", "kind", "state", "name", "style_prompt", "backbone", "step", "total_steps", "losses", "t",
                "previews", "queue_position", "template_id", "error", "message", "eta_s", "sec_per_step",
-               "outputs", "created", "request")
+               "outputs", "created", "request", "cancel_requested")
 GENERATE_TIMEOUT_S = 1800.0
 MAX_RESULTS = 100  # search results per query
 MAX_OFFSET = 10_000  # refine_candidates' "offset" along the prompt list
@@ -153,6 +154,9 @@ class StudioAPI:
             opts["preview_prompt"] = None
         paths = _as_paths(images)
         style_prompt = text(style_prompt, "style prompt", optional=True)
+        if not paths and not (style_prompt or "").strip():  # both missing: say both at once
+            raise InputError("Add at least one reference image, and describe the style in the style prompt "
+                             "(e.g. 'watercolor painting').")
         name = (text(name, "template name", optional=True) or "").strip() or suggest_name(
             style_prompt or "", {t.name for t in self.store.list()})
         return self.jobs.submit_train(paths, style_prompt, name, recipe=opts, backbone=backbone, captions=captions)

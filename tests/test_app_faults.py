@@ -24,8 +24,9 @@ from gradio_client import Client
 from queue_helpers import wait_for, write_image
 from test_queue_recovery import damage_page, make_jobs
 
-from studio.jobs.jobs import DONE, FINAL, Jobs
+from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Settings
+from studio.jobs.records import DONE, FINAL
 from studio.jobs.supervisor import Supervisor
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process

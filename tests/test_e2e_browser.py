@@ -8,6 +8,7 @@ Set STUDIO_SHOTS=/some/folder to also save screenshots of every tab at 1280 and 
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -95,10 +96,11 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     # -- train
     page.locator("#ref-images input[type=file]").set_input_files(refs(tmp_path))
     expect(page.locator("#ref-thumbs img")).to_have_count(2)
+    field(page, "template-name").fill("Poster test")  # typed first: the suggestion must not replace it
     field(page, "style-prompt").fill("bold poster art")
     field(page, "style-prompt").blur()
-    expect(field(page, "template-name")).to_have_value("Bold poster art")
-    field(page, "template-name").fill("Poster test")
+    expect(field(page, "template-name")).to_have_attribute("placeholder", "Bold poster art")
+    expect(field(page, "template-name")).to_have_value("Poster test")
     page.get_by_text("Advanced settings").click()
     type_number(page.locator("#steps input"), 200)
     type_number(page.locator("#preview-every input"), 50)
@@ -109,6 +111,7 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     expect(page.locator("#loss-plot svg .mark-line path").first).to_be_visible(timeout=60_000)
     expect(page.locator("#previews img").first).to_be_visible(timeout=60_000)
     expect(page.locator("#cancel-button")).to_be_visible()
+    expect(page).to_have_title(re.compile(r"^\[\d+%\] Training Poster test"), timeout=10_000)
 
     # -- reload mid-training: the page re-attaches to the running job
     assert "Done" not in status.inner_text()
@@ -120,7 +123,20 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     # steps 0, 50, 100, 150, 200 x 3 preview prompts
     expect(page.locator("#previews").get_by_label("Thumbnail 15 of 15")).to_be_attached()
     expect(page.locator("#use-template")).to_be_visible()
+    expect(page).to_have_title(re.compile(r"^Done: Poster test"))
     shoot(page, "train_done")
+
+    # -- a refused Train click says why and leaves the finished run on screen
+    field(page, "style-prompt").fill("")
+    page.locator("#train-button").click()
+    # (the reload above cleared the uploads too: both problems in one message)
+    expect(page.locator(".toast-body")).to_contain_text("Add at least one reference image, and describe",
+                                                        timeout=10_000)
+    expect(page.locator("#previews").get_by_label("Thumbnail 15 of 15")).to_be_attached()
+    expect(page.locator("#loss-plot svg .mark-line path").first).to_be_visible()
+    expect(page.locator("#job-status")).to_contain_text("Done")
+    shoot(page, "train_refused")
+    page.locator(".toast-body").first.locator("xpath=..").get_by_role("button").first.click()
 
     # -- gallery: the new template, then download it as a .zip
     page.get_by_role("tab", name="Gallery").click()
@@ -166,4 +182,42 @@ def test_train_reload_gallery_download_comic_meme(browser, app, tmp_path):
     page.locator("#generate-button").click()
     expect(page.locator("#generated-files")).to_contain_text("meme_", timeout=90_000)
     shoot(page, "generate_meme")
+    ctx.close()
+
+
+def test_cancel_during_the_first_previews_stops_within_one_picture(browser, app, tmp_path):
+    """The slow part of a large run is its step-0 previews; Cancel shows at once and ends the job after
+    the picture being drawn, not after the whole set."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.locator("#ref-images input[type=file]").set_input_files(refs(tmp_path))
+    expect(page.locator("#ref-thumbs img")).to_have_count(2)
+    field(page, "style-prompt").fill("slow big previews")
+    field(page, "template-name").fill("Early stop")
+    page.get_by_text("Advanced settings").click()
+    page.locator("#resolution input").click()
+    page.get_by_role("option", name="512 px").click()
+    earlier = set((app.root / "runs").glob("*-train-*"))
+    page.locator("#train-button").click()
+    expect(page.locator("#cancel-button")).to_be_visible(timeout=30_000)
+    (run,) = set((app.root / "runs").glob("*-train-*")) - earlier
+
+    def first_previews() -> list[Path]:
+        return sorted(run.glob("previews/step_0000_p*.png"))
+
+    def wait_for_first_picture() -> None:
+        for _ in range(600):
+            if first_previews():
+                return
+            page.wait_for_timeout(200)
+        pytest.fail("no step-0 preview was drawn in 2 minutes")
+
+    wait_for_first_picture()
+    page.locator("#cancel-button").click()
+    expect(page.locator("#job-status")).to_contain_text("Cancelling…", timeout=3_000)  # at once
+    expect(page.locator("#job-status .badge")).to_have_text("Cancelled", timeout=120_000)
+    assert len(first_previews()) <= 2  # the picture being drawn when Cancel came may finish; no more of the 3
+    expect(page).to_have_title(re.compile(r"^Cancelled: Early stop"))
     ctx.close()

@@ -12,19 +12,12 @@ import pytest
 from PIL import Image
 
 from studio.errors import InputError
-from studio.styles import evaluate
-from studio.styles.evaluate import (
-    PAPER_PROMPTS,
-    EvalSettings,
-    Evaluation,
-    load_styles,
-    parse_config,
-    resolve_configs,
-    run_evaluation,
-    settings_from_args,
-    write_reports,
-)
+from studio.styles import eval_report, evaluate
+from studio.styles.eval_config import PAPER_PROMPTS, EvalSettings, parse_config, resolve_configs
+from studio.styles.eval_report import write_reports
+from studio.styles.evaluate import Evaluation, run_evaluation, settings_from_args
 from studio.styles.metrics import StyleScorer, build_tiny_metric_models
+from studio.styles.style_sets import load_styles
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -240,9 +233,9 @@ def test_configurations():
     settings = EvalSettings(Path("."), Path("."), configs=custom, steps=7, resolution=128)
     recipe = settings.recipe(custom[2])
     assert (recipe.steps, recipe.resolution, recipe.lr, recipe.preview_every) == (7, 128, 5e-5, 0)
-    assert evaluate.describe_config(parse_config("offset0.01"), "flux") == \
+    assert eval_report.describe_config(parse_config("offset0.01"), "flux") == \
         "style-friendly, mu -6, sigma 3, offset noise 0.01"
-    assert evaluate.describe_config(custom[2], "sd3") == \
+    assert eval_report.describe_config(custom[2], "sd3") == \
         "style-friendly, mu -6, sigma 2, lr 5e-05, gradient_checkpointing False"
     for bad, message in [("nope", "unknown configuration"), ("x:rank=abc", "expected int"),
                          ("x:colour=red", "unknown recipe field"), ("x:sampler=ddpm", "sampler must be one of"),

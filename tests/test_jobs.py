@@ -17,7 +17,8 @@ from queue_helpers import BACKENDS, make_settings, redis_url, write_image  # noq
 from studio import config
 from studio.engine.backbones import default_backbone, resolve
 from studio.errors import InputError, NotFoundError
-from studio.jobs.jobs import CANCELLED, FAILED, QUEUED, RUNNING, Jobs
+from studio.jobs.jobs import Jobs
+from studio.jobs.records import CANCELLED, FAILED, QUEUED, RUNNING
 
 STATUS_KEYS = {
     "id", "kind", "state", "name", "style_prompt", "backbone", "template_id", "created", "started", "finished",

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from studio.errors import InputError
+from studio.store import lora_files, lora_keys
 from studio.store import lora_formats as lf
 
 # The paper's LoRA targets (studio/backbones/flux.py, sd3.py), matched like peft does: by suffix.
@@ -84,7 +85,7 @@ def test_paper_targets_give_the_expected_keys(small_flux):
     expected |= {f"single_transformer_blocks.{i}.{t}" for i in range(2) for t in
                  ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out")}
     assert modules == expected | {"proj_out"}
-    assert lf.analyse(state) == ("diffusers", "flux")
+    assert lora_keys.analyse(state) == ("diffusers", "flux")
 
 
 def test_flux_to_kohya_covers_every_key_with_comfy_names(small_flux):
@@ -104,7 +105,7 @@ def test_flux_to_kohya_covers_every_key_with_comfy_names(small_flux):
     assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 32)  # rank 3 x 4
     assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (3 * 32 + 128, 16)
     # every diffusers module is represented by exactly one kohya module of the table
-    table = {t: m.kohya for m in lf.module_table("flux") for t in m.targets}
+    table = {t: m.kohya for m in lora_keys.module_table("flux") for t in m.targets}
     assert {table[m] for m in diffusers_deltas(state)} == names
 
 
@@ -140,7 +141,7 @@ def test_every_linear_layer_converts_including_swapped_final_norm():
     shapes = linear_shapes("flux", **SMALL_FLUX)
     state = make_lora(shapes, rank=3, seed=1)  # every Linear of the transformer
     assert len(diffusers_deltas(state)) == len(shapes)
-    assert set(diffusers_deltas(state)) <= lf.diffusers_modules("flux")
+    assert set(diffusers_deltas(state)) <= lora_keys.diffusers_modules("flux")
     kohya = lf.diffusers_to_kohya(state, "flux")
     ours, fused = diffusers_deltas(state), kohya_deltas(kohya)
     torch.testing.assert_close(fused["lora_unet_final_layer_adaLN_modulation_1"],
@@ -212,7 +213,7 @@ def test_dense_kohya_lora_splits_exactly_and_matches_diffusers():
         torch.testing.assert_close(ours[m], theirs[m])
     comfy = {k.replace("lora_unet_double_blocks_0_img_attn_qkv", "diffusion_model.double_blocks.0.img_attn.qkv"): t
              for k, t in kohya.items()}
-    assert lf.analyse(comfy) == ("kohya", "flux")
+    assert lora_keys.analyse(comfy) == ("kohya", "flux")
     for m, d in diffusers_deltas(lf.kohya_to_diffusers(comfy, "flux")).items():
         torch.testing.assert_close(d, ours[m])
 
@@ -302,8 +303,8 @@ def test_kohya_names_and_layout_match_diffusers_original_checkpoint_converter(fa
         convert = convert_sd3_transformer_checkpoint_to_diffusers
     state = make_lora(shapes, rank=3, seed=8)  # every Linear layer
     kohya = lf.diffusers_to_kohya(state, family)
-    originals = {m.kohya: m.original for m in lf.module_table(family)}
-    assert all(m.kohya == "lora_unet_" + m.original.replace(".", "_") for m in lf.module_table(family))
+    originals = {m.kohya: m.original for m in lora_keys.module_table(family)}
+    assert all(m.kohya == "lora_unet_" + m.original.replace(".", "_") for m in lora_keys.module_table(family))
     probes = _probe([a.shape[1] for k, a in state.items() if k.endswith("lora_A.weight")])
     ckpt = original_checkpoint(kohya, originals, probes)
     n_keys = len(ckpt)
@@ -326,7 +327,7 @@ def test_sd3_paper_targets_round_trip():
                            caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=32)
     state = make_lora(shapes, SD3_TARGETS, rank=4, seed=9)
     assert "transformer.transformer_blocks.2.attn.to_add_out.lora_A.weight" not in state  # context_pre_only
-    assert lf.analyse(state, family_hint="sd3") == ("diffusers", "sd3")
+    assert lora_keys.analyse(state, family_hint="sd3") == ("diffusers", "sd3")
     kohya = lf.diffusers_to_kohya(state, "sd3")
     names = {k.split(".")[0] for k in kohya}
     assert names == ({f"lora_unet_joint_blocks_{i}_{s}_block_attn_{p}" for i in range(3) for s in ("x", "context")
@@ -355,22 +356,22 @@ def test_sd3_last_context_norm_is_swapped_only_in_the_last_block():
 def test_family_detection():
     flux_only = {"transformer.single_transformer_blocks.0.proj_mlp.lora_A.weight": torch.zeros(2, 8),
                  "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight": torch.zeros(32, 2)}
-    assert lf.analyse(flux_only, family_hint="sd3")[1] == "flux"
+    assert lora_keys.analyse(flux_only, family_hint="sd3")[1] == "flux"
     sd3_only = {"transformer.transformer_blocks.0.attn2.to_q.lora_A.weight": torch.zeros(2, 8),
                 "transformer.transformer_blocks.0.attn2.to_q.lora_B.weight": torch.zeros(8, 2)}
-    assert lf.analyse(sd3_only)[1] == "sd3"
+    assert lora_keys.analyse(sd3_only)[1] == "sd3"
     deep = {"transformer.transformer_blocks.30.attn.to_q.lora_A.weight": torch.zeros(2, 8),
             "transformer.transformer_blocks.30.attn.to_q.lora_B.weight": torch.zeros(8, 2)}
-    assert lf.analyse(deep)[1] == "sd3"  # FLUX has 19 double blocks
+    assert lora_keys.analyse(deep)[1] == "sd3"  # FLUX has 19 double blocks
 
     def joint(width):
         return {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, width),
                 "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(width, 2)}
-    assert lf.analyse(joint(3072))[1] == "flux"
-    assert lf.analyse(joint(2432))[1] == "sd3"  # SD3.5 Large width
-    assert lf.analyse(joint(32), family_hint="sd3")[1] == "sd3"
+    assert lora_keys.analyse(joint(3072))[1] == "flux"
+    assert lora_keys.analyse(joint(2432))[1] == "sd3"  # SD3.5 Large width
+    assert lora_keys.analyse(joint(32), family_hint="sd3")[1] == "sd3"
     kohya = pair("lora_unet_joint_blocks_0_x_block_attn_qkv", (2, 8), (24, 2))
-    assert lf.analyse(kohya) == ("kohya", "sd3")
+    assert lora_keys.analyse(kohya) == ("kohya", "sd3")
 
 
 # ------------------------------------------------------------------------------- validation
@@ -419,7 +420,7 @@ def test_validate_lora_rejects(case, tmp_path):
     path = tmp_path / "bad.safetensors"
     save_file(state, str(path))
     with pytest.raises(InputError, match=re.escape(needle)) as err:
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
     assert "\n" not in str(err.value) and str(err.value).startswith("bad.safetensors")
 
 
@@ -427,10 +428,10 @@ def test_validate_lora_accepts_and_reports_family(tmp_path):
     path = tmp_path / "ok.safetensors"
     state = good_state()
     save_file(state, str(path))
-    assert lf.validate_lora(path) == "flux"
+    assert lora_files.validate_lora(path) == "flux"
     save_file(lf.diffusers_to_kohya(state, "flux"), str(path))
-    assert lf.validate_lora(path) == "flux"
-    loaded = lf.load_lora(path)
+    assert lora_files.validate_lora(path) == "flux"
+    loaded = lora_files.load_lora(path)
     assert loaded.source_format == "kohya" and loaded.converted
     assert set(loaded.state) == set(state)
     for m, d in diffusers_deltas(loaded.state).items():
@@ -443,10 +444,10 @@ def test_never_unpickles(tmp_path, monkeypatch):
     pt = tmp_path / "lora.safetensors"
     torch.save(good_state(), pt)  # a zip-based torch checkpoint renamed
     with pytest.raises(InputError, match="not a safetensors file"):
-        lf.validate_lora(pt)
+        lora_files.validate_lora(pt)
     pt.write_bytes(pickle.dumps({"a": 1}, protocol=4))
     with pytest.raises(InputError, match="pickle"):
-        lf.load_lora(pt)
+        lora_files.load_lora(pt)
     assert not called
 
 
@@ -456,25 +457,25 @@ def test_malformed_safetensors_files(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:-10])
     with pytest.raises(InputError, match="truncated"):
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
     path.write_bytes(data + b"\0" * 4)
     with pytest.raises(InputError, match="trailing"):
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
     header = json.dumps({"t": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 4]}}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
     with pytest.raises(InputError, match="malformed"):
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
     path.write_bytes(b"")
     with pytest.raises(InputError, match="not a safetensors"):
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
 
 
 def test_size_limit(tmp_path, monkeypatch):
     path = tmp_path / "big.safetensors"
     save_file(good_state(), str(path))
-    monkeypatch.setattr(lf, "MAX_LORA_BYTES", 100)
+    monkeypatch.setattr(lora_files, "MAX_LORA_BYTES", 100)
     with pytest.raises(InputError, match="limit"):
-        lf.validate_lora(path)
+        lora_files.validate_lora(path)
 
 
 def test_load_lora_folds_alpha_and_adapter_metadata(tmp_path):
@@ -483,7 +484,7 @@ def test_load_lora_folds_alpha_and_adapter_metadata(tmp_path):
     meta = {"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern":
             {"single_transformer_blocks.1.proj_out": 2}}
     save_file(state, str(path), metadata={"lora_adapter_metadata": json.dumps(meta)})
-    loaded = lf.load_lora(path)
+    loaded = lora_files.load_lora(path)
     assert loaded.converted
     got, ref = diffusers_deltas(loaded.state), diffusers_deltas(state)
     torch.testing.assert_close(got["transformer_blocks.0.attn.to_q"], 2.0 * ref["transformer_blocks.0.attn.to_q"])
@@ -491,14 +492,14 @@ def test_load_lora_folds_alpha_and_adapter_metadata(tmp_path):
                                0.5 * ref["single_transformer_blocks.1.proj_out"])
     with_alpha = {**state, "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(1.0)}
     save_file(with_alpha, str(path))
-    loaded = lf.load_lora(path)
+    loaded = lora_files.load_lora(path)
     assert not any(k.endswith(".alpha") for k in loaded.state)
     torch.testing.assert_close(diffusers_deltas(loaded.state)["transformer_blocks.0.attn.to_q"],
                                0.25 * ref["transformer_blocks.0.attn.to_q"])
     plain = tmp_path / "p.safetensors"
     save_file(state, str(plain), metadata={"lora_adapter_metadata": json.dumps({"transformer.r": 4,
                                                                                 "transformer.lora_alpha": 4})})
-    assert not lf.load_lora(plain).converted
+    assert not lora_files.load_lora(plain).converted
 
 
 def test_non_finite_values_rejected(tmp_path):
@@ -506,6 +507,6 @@ def test_non_finite_values_rejected(tmp_path):
     state["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"][0, 0] = float("nan")
     path = tmp_path / "nan.safetensors"
     save_file(state, str(path))
-    assert lf.validate_lora(path) == "flux"  # the header is fine ...
+    assert lora_files.validate_lora(path) == "flux"  # the header is fine ...
     with pytest.raises(InputError, match="NaN"):
-        lf.load_lora(path)  # ... the values are not
+        lora_files.load_lora(path)  # ... the values are not

@@ -22,8 +22,9 @@ import uuid
 import pytest
 from queue_helpers import write_image
 
-from studio.jobs.jobs import DONE, QUEUED, RUNNING, Jobs, RecordCache, write_record
+from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Queue, RepeatFilter, Settings, damage_of
+from studio.jobs.records import DONE, QUEUED, RUNNING, RecordCache, write_record
 
 QUICK = {"steps": 2, "preview_every": 0, "checkpoint_every": 0}
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from studio.cli import main
 from studio.styles import refine
-from studio.styles.evaluate import PAPER_PROMPTS
+from studio.styles.eval_config import PAPER_PROMPTS
 from studio.styles.metrics import StyleScorer, build_tiny_metric_models
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 from queue_helpers import BACKENDS, make_settings, redis_url, wait_for, write_image  # noqa: F401 (redis_url: a fixture)
 
-from studio.jobs.jobs import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING, Jobs
+from studio.jobs.jobs import Jobs
+from studio.jobs.records import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING
 from studio.jobs.supervisor import Supervisor
-from studio.store import lora_formats
+from studio.store import lora_files
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -185,7 +186,7 @@ def test_kill_9_mid_training_resumes_from_checkpoint(studio):
     assert resumed >= 5 and resumed % 5 == 0  # from a checkpoint, not from scratch
     assert metric_steps(studio, job_id) == list(range(1, 61))
     template = studio.jobs.store.get(status["template_id"])
-    assert lora_formats.validate_lora(template.path / "lora.safetensors") == "flux"
+    assert lora_files.validate_lora(template.path / "lora.safetensors") == "flux"
     assert template.meta["steps_done"] == 60
     assert studio.supervisor.restarts == 1 and studio.supervisor.pid not in (None, old_pid)
 

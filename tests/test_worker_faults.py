@@ -28,11 +28,12 @@ from studio.engine.backbones import clean
 from studio.engine.backbones.flux import FluxBackbone
 from studio.engine.recipe import Recipe
 from studio.errors import InputError
-from studio.jobs.jobs import CANCELLED, DONE, FAILED, Jobs
+from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Settings
+from studio.jobs.records import CANCELLED, DONE, FAILED
 from studio.jobs.supervisor import Supervisor
 from studio.jobs.worker import Worker
-from studio.store import lora_formats
+from studio.store import lora_files
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -90,7 +91,7 @@ def template_ids(env) -> list[str]:
 
 def assert_template_loads(env, template_id: str) -> None:
     info = env.jobs.store.get(template_id)
-    assert lora_formats.validate_lora(info.path / "lora.safetensors") == "flux"
+    assert lora_files.validate_lora(info.path / "lora.safetensors") == "flux"
     tensors = load_file(info.path / "lora.safetensors")
     assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors.values())
 

@@ -206,7 +206,7 @@ def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict,
     truncate_metrics(metrics_path, start)
     resolution = request["recipe"]["resolution"]
     preview = PreviewWriter(backbone, run_dir / "previews", preview_conds, negative, resolution,
-                            recipe.preview_steps, prior)
+                            recipe.preview_steps, prior, should_stop=observer.should_stop)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     transformer.eval()
@@ -404,14 +404,17 @@ class PreviewWriter:
     """
 
     def __init__(self, backbone: Backbone, folder: Path, conds, negative, resolution: int,
-                 steps: int | None, noise_prior: NoisePrior | None = None):
+                 steps: int | None, noise_prior: NoisePrior | None = None, should_stop=None):
         self.backbone, self.folder, self.conds, self.negative = backbone, folder, conds, negative
         self.resolution, self.steps, self.noise_prior = resolution, steps, noise_prior
+        self.should_stop = should_stop or (lambda: False)
         folder.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int) -> list[Path]:
         files = []
         for i, cond in enumerate(self.conds):
+            if self.should_stop():  # a cancel waits for one picture at most, not for the whole set
+                raise CancelledError(f"cancelled while rendering the previews of step {step}")
             seed, size = PREVIEW_SEED + i, self.resolution
             latents = None
             if self.noise_prior is not None:

@@ -1,8 +1,8 @@
 """The Supervisor app.py runs: it starts the GPU worker (``python -m studio.jobs.worker``) as a child
 process, restarts it when it dies and reconciles the job records.
 
-It needs only the job records (:mod:`studio.jobs.jobs`): the worker runs as a subprocess, so this
-module never imports :mod:`studio.jobs.worker` (its runners, warm-model cache and GPU lock).
+It needs only the job records (:mod:`studio.jobs.jobs`, :mod:`studio.jobs.records`): the worker runs as a
+subprocess, so this module never imports :mod:`studio.jobs.worker` (its runners, warm-model cache and GPU lock).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from studio.jobs import jobs as J
+from studio.jobs import records as J
 from studio.jobs.jobs import Jobs
 
 log = logging.getLogger("studio.jobs.supervisor")

@@ -32,9 +32,10 @@ from studio.diskspace import DiskFullError
 from studio.engine.backbones import clean
 from studio.engine.training import ADAPTER, Observer, StepReport, publish_run, train, training_paused, write_json
 from studio.errors import CancelledError, NotFoundError, StudioError
-from studio.jobs import jobs as J
-from studio.jobs.jobs import Jobs, now_iso
+from studio.jobs import records as J
+from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Settings
+from studio.jobs.records import now_iso
 
 log = logging.getLogger("studio.jobs.worker")
 

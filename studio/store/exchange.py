@@ -105,9 +105,9 @@ def stage_import(src: Path, staging: Path) -> tuple[dict, str]:
 
 
 def _stage_safetensors(src: Path, staging: Path) -> tuple[dict, str]:
-    from studio.store import lora_formats
+    from studio.store import lora_files
 
-    _, header = lora_formats.read_safetensors_header(src)  # rejects pickles, zips, bad headers
+    _, header = lora_files.read_safetensors_header(src)  # rejects pickles, zips, bad headers
     lora = staging / LORA_FILE
     shutil.copyfile(src, lora)  # validate our own copy from here on
     card = header.get("studio_template")
@@ -180,11 +180,11 @@ def _sanitize_imported(raw: dict, source: str) -> dict:
 
 def _load_staged_lora(lora: Path, meta: dict, source: str):
     """Validate and load the staged LoRA; errors name ``source`` (the file the user gave)."""
-    from studio.store import lora_formats
+    from studio.store import lora_files, lora_keys
 
-    hint = meta.get("family") if meta.get("family") in lora_formats.FAMILIES else None
+    hint = meta.get("family") if meta.get("family") in lora_keys.FAMILIES else None
     try:
-        loaded = lora_formats.load_lora(lora, family_hint=hint)
+        loaded = lora_files.load_lora(lora, family_hint=hint)
     except InputError as e:
         message = str(e)
         if source.lower().endswith(".safetensors") and message.startswith(lora.name):
@@ -362,10 +362,10 @@ def _check_member_content(path: Path, rel: str, zip_name: str) -> None:
         if not ok:
             raise _zip_error(zip_name, rel, f"is not a {suffix[1:].upper()} image")
     elif suffix == ".safetensors" and rel != LORA_FILE:
-        from studio.store import lora_formats
+        from studio.store import lora_files
 
         try:
-            lora_formats.read_safetensors_header(path)
+            lora_files.read_safetensors_header(path)
         except InputError as e:
             raise _zip_error(zip_name, rel, f"is not a valid safetensors file ({e})") from None
 
@@ -400,11 +400,11 @@ def read_lora(template_id: str, folder: Path):
     """A stored template's LoRA: its tensors and safetensors header; StudioError if the file is damaged."""
     from safetensors.torch import load_file
 
-    from studio.store import lora_formats
+    from studio.store import lora_files
 
     path = folder / LORA_FILE
     try:
-        _, header = lora_formats.read_safetensors_header(path)
+        _, header = lora_files.read_safetensors_header(path)
         tensors = load_file(str(path))
     except (InputError, OSError, ValueError, RuntimeError) as e:
         raise StudioError(f"template {template_id!r} has a damaged {LORA_FILE}: {e}") from None
@@ -446,10 +446,10 @@ def export_comfy(template_id: str, folder: Path, meta: dict, family: str, dest_d
     """
     from safetensors.torch import save_file
 
-    from studio.store import lora_formats
+    from studio.store import lora_formats, lora_keys
 
     tensors, header = read_lora(template_id, folder)
-    fmt, family = lora_formats.analyse(tensors, family or None)
+    fmt, family = lora_keys.analyse(tensors, family or None)
     if fmt == "kohya":
         kohya = tensors
     else:

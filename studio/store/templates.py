@@ -261,7 +261,7 @@ class TemplateStore:
         ``family`` (and ``created`` if missing), picks a free id ``slugify(name)``,
         ``-2``, ``-3``... and moves the folder into place with one ``os.rename``.
         """
-        from studio.store import lora_formats
+        from studio.store import lora_files, lora_keys
 
         staging = Path(staging)
         if not staging.is_dir() or staging.resolve().parent != self.staging_root.resolve():
@@ -273,8 +273,8 @@ class TemplateStore:
         lora = staging / LORA_FILE
         if not lora.is_file() or lora.is_symlink():
             raise InputError(f"the template has no {LORA_FILE}")
-        hint = meta.get("family") if meta.get("family") in lora_formats.FAMILIES else None
-        family = lora_formats.validate_lora(lora, family_hint=hint)
+        hint = meta.get("family") if meta.get("family") in lora_keys.FAMILIES else None
+        family = lora_files.validate_lora(lora, family_hint=hint)
         _check_finite_lora(lora)
         if meta.get("family") not in (None, "", family):
             raise InputError(f"template.json says the family is {meta['family']!r} but the LoRA is a "

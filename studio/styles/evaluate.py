@@ -65,301 +65,42 @@ still has images to make); checkpoints are deleted once a unit's training is don
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
-import io
 import json
 import logging
-import os
-import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 from studio import config as studio_config
 from studio.engine.recipe import Recipe
 from studio.engine.training import Observer, StepReport, style_caption, write_json
-from studio.errors import InputError, StudioError
-from studio.media.images import load_reference_images, slugify, validate_prompt
+from studio.errors import StudioError
+from studio.media.images import load_reference_images, slugify
+from studio.styles.eval_config import (
+    CONFIG_PRESETS,
+    DEFAULT_CONFIGS,
+    METRICS,
+    PAPER_PROMPTS,
+    EvalConfig,
+    EvalSettings,
+    _image_name,
+    _read_json,
+    resolve_configs,
+)
+from studio.styles.eval_report import write_reports
+from studio.styles.style_sets import Style, load_styles
 
 log = logging.getLogger(__name__)
 
-# The paper's 23 evaluation prompts (seed 000, appendix C.2; StyleDrop's list), in its order.
-PAPER_PROMPTS: tuple[str, ...] = (
-    "An Opera house in Sydney",
-    "A fluffy baby sloth with a knitted hat trying to figure out a laptop, close up",
-    "A Golden Gate bridge",
-    "The letter 'G'",
-    "A man riding a snowboard",
-    "A panda eating bamboo",
-    "A friendly robot",
-    "A baby penguin",
-    "A moose",
-    "A towel",
-    "An espresso machine",
-    "An avocado",
-    "A crown",
-    "A banana",
-    "A bench",
-    "A boat",
-    "A butterfly",
-    "An F1 race car",
-    "A Christmas tree",
-    "A cow",
-    "A hat",
-    "A piano",
-    "A wood cabin",
-)
-
-# Named configurations: Recipe fields over the paper's recipe (Recipe() defaults).
-CONFIG_PRESETS: dict[str, dict[str, Any]] = {
-    "sd3": {"sampler": "sd3"},  # the baseline: logit-normal t with shift 3
-    "style_friendly": {"sampler": "style_friendly"},  # mu -6, sigma: the family default (FLUX 3, SD3.5 2)
-    "sigma2": {"sampler": "style_friendly", "sigma": 2.0},
-    "sigma3": {"sampler": "style_friendly", "sigma": 3.0},
-    "offset0.01": {"sampler": "style_friendly", "offset_noise": 0.01},  # the paper's best FLUX result
-    "sd3_offset0.1": {"sampler": "sd3", "offset_noise": 0.1},  # Table S3's offset-noise baseline
-    "uniform": {"sampler": "uniform"},
-}
-DEFAULT_CONFIGS = ("sd3", "style_friendly")
-
-# The paper's numbers (DINO, CLIP-I, CLIP-T) per backbone, shown as reference rows. Table 2 of v3/CVPR
-# reports FLUX style-friendly as 0.478 (sigma 3, the FLUX default); v1/v2 reported 0.461 (sigma 2).
-PAPER_RESULTS: dict[str, tuple[str, list[tuple[str, tuple[float, float, float]]]]] = {
-    "flux-dev": ("FLUX.1-dev", [
-        ("Table 2: SD3 sampler", (0.373, 0.645, 0.350)),
-        ("Table 2 (v3): style-friendly, sigma 3", (0.478, 0.691, 0.343)),
-        ("Table 2 (v1/v2): style-friendly, sigma 2", (0.461, 0.686, 0.344)),
-        ("Table S3: style-friendly + offset noise 0.01", (0.500, 0.704, 0.341)),
-    ]),
-    "sd3.5-large": ("SD3.5-Large", [
-        ("Table 2: SD3 sampler", (0.424, 0.670, 0.350)),
-        ("Table 2: style-friendly, sigma 2", (0.489, 0.698, 0.349)),
-    ]),
-}
-METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T (content)"))
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-# -- inputs ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Style:
-    """One reference style: its images, style prompt and optional content captions."""
-
-    name: str
-    style_prompt: str
-    images: list[Path]
-    captions: list[str | None] | None = None
-
-
-def _style_name(raw: str) -> str:
-    return raw if _SAFE_NAME.fullmatch(raw) else slugify(raw)
-
-
-def _read_lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _captions(lines: list[str], n_images: int, where: str) -> list[str | None] | None:
-    if not lines:
-        return None
-    if len(lines) == 1:
-        return lines * n_images
-    if len(lines) != n_images:
-        raise InputError(f"{where}: give one caption line for all images or one per image ({n_images})")
-    return list(lines)
-
-
-def _manifest_styles(folder: Path, manifest: Path) -> list[Style]:
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise InputError(f"{manifest} is not valid JSON ({exc})") from None
-    entries = data.get("styles") if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise InputError(f'{manifest}: expected {{"styles": [...]}} or a list of styles')
-    styles = []
-    for k, entry in enumerate(entries):
-        where = f"{manifest.name} entry {k}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("images"), list) or not entry["images"]:
-            raise InputError(f"{where}: give a dict with 'images' (a non-empty list) and 'style_prompt'")
-        images = [folder / str(p) for p in entry["images"]]
-        captions = entry.get("captions")
-        if captions is not None and (not isinstance(captions, list) or len(captions) != len(images)):
-            raise InputError(f"{where}: 'captions' must be a list with one caption per image")
-        name = str(entry.get("name") or images[0].stem)
-        prompt = validate_prompt(str(entry.get("style_prompt") or ""), f"style prompt of {name!r}")
-        styles.append(Style(_style_name(name), prompt, images, [c or None for c in captions] if captions else None))
-    return styles
-
-
-def _folder_styles(folder: Path) -> list[Style]:
-    styles = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.is_dir():
-            name = path.name
-            images = sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES
-                            and not p.name.startswith("."))
-            prompt_file, caption_file = path / "style.txt", path / "caption.txt"
-        elif path.suffix.lower() in _IMAGE_SUFFIXES:
-            name, images = path.stem, [path]
-            prompt_file, caption_file = path.with_suffix(".txt"), path.with_name(f"{path.stem}.caption.txt")
-        else:
-            continue
-        if not images:
-            raise InputError(f"style folder {name!r} holds no images")
-        if not prompt_file.is_file():
-            raise InputError(f"style {name!r} has no style prompt: write it into "
-                             f"{prompt_file.relative_to(folder)} (one line, e.g. 'watercolor painting')")
-        lines = _read_lines(prompt_file)
-        prompt = validate_prompt(lines[0] if lines else "", f"style prompt in {prompt_file.name}")
-        captions = _captions(_read_lines(caption_file), len(images), caption_file.name) \
-            if caption_file.is_file() else None
-        styles.append(Style(_style_name(name), prompt, images, captions))
-    return styles
-
-
-def load_styles(folder: str | os.PathLike) -> list[Style]:
-    """Read a styles folder (see the module docstring); InputError naming what is wrong."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"styles folder {folder} does not exist")
-    manifest = folder / "styles.json"
-    styles = _manifest_styles(folder, manifest) if manifest.is_file() else _folder_styles(folder)
-    if not styles:
-        raise InputError(f"no styles found in {folder}: add one folder (images + style.txt) or image + .txt "
-                         "per style, or a styles.json")
-    names = [s.name for s in styles]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise InputError(f"two styles share the name(s) {', '.join(duplicates)}")
-    return styles
-
-
-@dataclass
-class EvalConfig:
-    """A named training configuration: Recipe fields over the paper's recipe."""
-
-    name: str
-    overrides: dict[str, Any]
-
-
-def _parse_value(key: str, text: str) -> Any:
-    """Parse ``text`` as the type of Recipe field ``key``."""
-    kinds = {f.name: str(f.type) for f in fields(Recipe)}
-    if key not in kinds:
-        raise InputError(f"unknown recipe field {key!r}; choose from {', '.join(sorted(kinds))}")
-    kind, text = kinds[key], text.strip()
-    if text.lower() == "none" and "None" in kind:
-        return None
-    try:
-        if kind.startswith("bool"):
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1", "yes")
-        if kind.startswith("int"):
-            return int(text)
-        if kind.startswith("float"):
-            return float(text)
-    except ValueError:
-        raise InputError(f"{key}={text!r}: expected {kind.split(' ')[0]}") from None
-    return text
-
-
-def parse_config(text: str) -> EvalConfig:
-    """``name:key=value,key=value`` (or a preset's name) -> EvalConfig; InputError when malformed."""
-    name, _, body = text.partition(":")
-    name = name.strip()
-    if not _SAFE_NAME.fullmatch(name):
-        raise InputError(f"configuration name {name!r}: use letters, digits, '.', '_' or '-'")
-    if not body.strip():
-        if name not in CONFIG_PRESETS:
-            raise InputError(f"unknown configuration {name!r}; presets: {', '.join(CONFIG_PRESETS)}, "
-                             "or define one with --config name:key=value,...")
-        return EvalConfig(name, dict(CONFIG_PRESETS[name]))
-    overrides: dict[str, Any] = {}
-    for item in body.split(","):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise InputError(f"--config {text!r}: expected key=value, got {item!r}")
-        overrides[key.strip()] = _parse_value(key.strip(), value)
-    Recipe(**overrides).validate()
-    return EvalConfig(name, overrides)
-
-
-def resolve_configs(names: str | list[str] | None, custom: list[str] | None = None) -> list[EvalConfig]:
-    """``--configs`` names (presets or names from ``--config``) plus every ``--config`` definition."""
-    defined = {c.name: c for c in (parse_config(text) for text in custom or [])}
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    ordered = list(dict.fromkeys([*(names or DEFAULT_CONFIGS), *defined]))
-    return [defined.get(n) or parse_config(n) for n in ordered]
-
-
-@dataclass
-class EvalSettings:
-    """Everything an evaluation run depends on (the CLI flags)."""
-
-    styles_dir: Path
-    out_dir: Path
-    backbone: str = "tiny"
-    configs: list[EvalConfig] = field(default_factory=lambda: resolve_configs(None))
-    prompts: int = len(PAPER_PROMPTS)
-    seeds: int = 2
-    steps: int | None = None  # None: the recipe's (300)
-    resolution: int | None = None  # None: the backbone's default
-    gen_steps: int | None = None  # None: the backbone's default (28)
-    guidance: float | None = None  # None: the backbone's default (7.0)
-    dino_model: str | None = None
-    clip_model: str | None = None
-    score: bool = True
-
-    def validate(self) -> EvalSettings:
-        if not 1 <= self.prompts <= len(PAPER_PROMPTS):
-            raise InputError(f"--prompts must be between 1 and {len(PAPER_PROMPTS)}")
-        if not 1 <= self.seeds <= 100:
-            raise InputError("--seeds must be between 1 and 100")
-        if self.gen_steps is not None and not 1 <= self.gen_steps <= 200:
-            raise InputError("--gen-steps must be between 1 and 200")
-        names = [c.name for c in self.configs]
-        if len(set(names)) != len(names):
-            raise InputError("configuration names must be unique")
-        for c in self.configs:
-            self.recipe(c)  # validates
-        return self
-
-    def recipe(self, cfg: EvalConfig) -> Recipe:
-        """The recipe a configuration trains with: no previews (the grid shows the results)."""
-        recipe = replace(Recipe(**cfg.overrides), preview_every=0)
-        if self.steps is not None:
-            recipe = replace(recipe, steps=self.steps)
-        if self.resolution is not None:
-            recipe = replace(recipe, resolution=self.resolution)
-        return recipe.validate()
-
-    def items(self) -> list[tuple[int, int]]:
-        """(prompt index, seed) of every image a unit generates."""
-        return [(p, s) for p in range(self.prompts) for s in range(self.seeds)]
-
 
 # -- one unit: (style, configuration) -------------------------------------------------------------
-
-
-def _image_name(prompt_index: int, seed: int) -> str:
-    """A unit's image, relative to the unit folder (generation writes ``{stem}_{seed}.png``)."""
-    return f"images/p{prompt_index:02d}_{seed}.png"
 
 
 def _train_changed(old: dict, new: dict) -> bool:
@@ -373,13 +114,6 @@ def _train_changed(old: dict, new: dict) -> bool:
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 class _BarObserver(Observer):
@@ -605,196 +339,6 @@ def run_evaluation(settings: EvalSettings, backbone=None, scorer=None) -> dict[s
     something needs training or generating). ``scorer``: a :class:`studio.styles.metrics.StyleScorer`.
     """
     return Evaluation(settings, backbone, scorer).run()
-
-
-# -- reports ------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
-
-
-def describe_config(cfg: EvalConfig, family: str) -> str:
-    """A short human description of a configuration's recipe (sampler and what else differs)."""
-    recipe = Recipe(**cfg.overrides)
-    sampler = recipe.noise_sampler(family)
-    if sampler.name == "style_friendly":
-        text = f"style-friendly, mu {sampler.mu:g}, sigma {sampler.sigma:g}"
-    elif sampler.name == "sd3":
-        text = f"SD3 sampler, shift {sampler.shift:g}"
-    else:
-        text = "uniform t"
-    if recipe.offset_noise:
-        text += f", offset noise {recipe.offset_noise:g}"
-    rest = {k: v for k, v in cfg.overrides.items() if k not in ("sampler", "mu", "sigma", "shift", "offset_noise")}
-    return text + "".join(f", {k} {v}" for k, v in rest.items())
-
-
-def collect_results(ev: Evaluation) -> list[dict]:
-    """The finished units' results for the current styles x configurations."""
-    rows = []
-    for style in ev.styles:
-        for cfg in ev.settings.configs:
-            result = _read_json(ev.unit_dir(style, cfg) / "result.json")
-            if result is not None and result.get("items") == [list(i) for i in ev.settings.items()]:
-                rows.append(result)
-    return rows
-
-
-def write_reports(ev: Evaluation, grids_for: list[Style] | None = None) -> None:
-    """results.json, results.csv, table.md and the grids (of ``grids_for``, default all styles)."""
-    rows = collect_results(ev)
-    s = ev.settings
-    family = ev.family
-    by_unit = {(r["style"], r["config"]): r for r in rows}
-    complete = [st for st in ev.styles if all((st.name, c.name) in by_unit for c in s.configs)]
-    means = {c.name: {key: _mean([by_unit[(st.name, c.name)].get(key) for st in complete])
-                      for key in ("dino", "clip_i", "clip_t", "clip_t_full")} for c in s.configs}
-    summary = {
-        "backbone": ev.backbone_id, "styles": [st.name for st in ev.styles],
-        "configs": {c.name: {"overrides": c.overrides, "description": describe_config(c, family),
-                             "recipe": s.recipe(c).to_dict()} for c in s.configs},
-        "prompts": list(PAPER_PROMPTS[: s.prompts]), "seeds": list(range(s.seeds)),
-        "gen_steps": s.gen_steps, "guidance": s.guidance, "resolution": s.resolution,
-        "clip_t": "content prompt without 'in {style} style' (clip_t_full: the full prompt)",
-        "mean_over_complete_styles": means, "complete_styles": [st.name for st in complete],
-        "units": rows,
-    }
-    ev.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(ev.out / "results.json", json.dumps(summary, indent=2).encode())
-
-    buf = io.StringIO()
-    columns = ["style", "config", "style_prompt", "dino", "clip_i", "clip_t", "clip_t_full", "n_images",
-               "train_seconds", "generate_seconds", "final_loss", "scores_missing"]
-    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
-    _atomic_write(ev.out / "results.csv", buf.getvalue().encode())
-
-    _atomic_write(ev.out / "table.md", render_table(ev, by_unit, complete, means, family).encode())
-    grids = ev.out / "grids"
-    grids.mkdir(exist_ok=True)
-    for style in ev.styles if grids_for is None else grids_for:
-        if any((style.name, c.name) in by_unit for c in s.configs):
-            grid = render_grid(ev, style, by_unit)
-            out = io.BytesIO()
-            grid.save(out, format="PNG")
-            _atomic_write(grids / f"{style.name}.png", out.getvalue())
-
-
-def render_table(ev: Evaluation, by_unit: dict, complete: list[Style], means: dict, family: str) -> str:
-    s = ev.settings
-    configs = s.configs
-    n_images = s.prompts * s.seeds
-    gen_steps = s.gen_steps or "default (28)"
-    lines = [
-        f"# Style evaluation: {ev.backbone_id}",
-        "",
-        f"{len(ev.styles)} styles x {s.prompts} prompts x {s.seeds} seeds = {n_images} images per style and "
-        f"configuration; training steps {s.steps or 'recipe (300)'}; {gen_steps} denoising steps, guidance "
-        f"{s.guidance if s.guidance is not None else 'default (7.0)'}; resolution {s.resolution or 'default'}.",
-        "",
-        "Cosine similarities, higher is better. **DINO** (ViT-S/16) and **CLIP-I** (ViT-B/32): generated image "
-        "vs the style's reference image(s), i.e. style fidelity. **CLIP-T**: generated image vs the *content* "
-        "prompt without \"in {style} style\" (e.g. \"A baby penguin\"), i.e. prompt fidelity; "
-        "results.csv also has `clip_t_full` against the full prompt.",
-        "",
-    ]
-    if ev.backbone_id == "tiny":
-        lines += ["> `tiny` is a random-weight demo model: these numbers check the pipeline, not the method.", ""]
-    missing = sorted({r["scores_missing"] for r in by_unit.values() if r.get("scores_missing")})
-    if missing:
-        lines += [f"> **Scores are missing** for some units: {'; '.join(missing)}. Images and grids were written; "
-                  "run the same command again once the metric models are available (or pass --dino-model / "
-                  "--clip-model) to score them without retraining.", ""]
-    done = len(by_unit)
-    total = len(ev.styles) * len(configs)
-    if done < total:
-        lines += [f"Progress: {done} of {total} units finished; means are over the {len(complete)} styles "
-                  "finished in every configuration.", ""]
-    lines += [f"## Mean over {len(complete)} styles", "",
-              "| configuration | recipe | " + " | ".join(label for _, label in METRICS) + " |",
-              "|---|---|" + "---:|" * len(METRICS)]
-    for c in configs:
-        lines.append(f"| {c.name} | {describe_config(c, family)} | "
-                     + " | ".join(_fmt(means[c.name][key]) for key, _ in METRICS) + " |")
-    if ev.backbone_id in PAPER_RESULTS:
-        model, rows = PAPER_RESULTS[ev.backbone_id]
-        for name, values in rows:
-            lines.append(f"| *paper, {model}* | *{name}* | "
-                         + " | ".join(f"*{v:.3f}*" for v in values) + " |")
-        lines += ["", "Paper rows: 18 StyleDrop styles x 23 prompts x 2 images; the paper's CLIP-T text is "
-                  "unspecified."]
-    for key, label in METRICS:
-        lines += ["", f"## {label} per style", "",
-                  "| style | style prompt | " + " | ".join(c.name for c in configs) + " |",
-                  "|---|---|" + "---:|" * len(configs)]
-        for style in ev.styles:
-            cells = [_fmt((by_unit.get((style.name, c.name)) or {}).get(key)) for c in configs]
-            lines.append(f"| {style.name} | {style.style_prompt} | " + " | ".join(cells) + " |")
-    lines += ["", "Grids: `grids/<style>.png`, one row per configuration; the reference on the left, then "
-              "each prompt x seed in order.", ""]
-    return "\n".join(lines)
-
-
-def render_grid(ev: Evaluation, style: Style, by_unit: dict, cell: int = 192) -> Image.Image:
-    """Rows: configurations; columns: the reference, then every prompt x seed (grey where missing)."""
-    items = ev.settings.items()
-    label_w, header_h = 150, 30
-    font = ImageFont.load_default(size=11)
-    cols, rows = 1 + len(items), len(ev.settings.configs)
-    grid = Image.new("RGB", (label_w + cols * cell, header_h + rows * cell), "white")
-    draw = ImageDraw.Draw(grid)
-
-    def paste(img: Image.Image, col: int, row: int) -> None:
-        img, side = img.convert("RGB"), cell - 4  # a thin white gap between cells
-        img.thumbnail((side, side), Image.Resampling.LANCZOS)
-        if max(img.size) < side:  # tiny's 64 px images: blow up without smoothing
-            scale = side / max(img.size)
-            img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                             Image.Resampling.NEAREST)
-        x = label_w + col * cell + (cell - img.width) // 2
-        y = header_h + row * cell + (cell - img.height) // 2
-        grid.paste(img, (x, y))
-
-    def header(text: str, col: int) -> None:
-        limit = max(4, cell // 6)
-        draw.text((label_w + col * cell + 4, 2), text[:limit], fill="black", font=font)
-
-    header("reference", 0)
-    draw.text((label_w + 4, 15), style.style_prompt[: cell // 6], fill="gray", font=font)
-    for k, (p, s) in enumerate(items, start=1):
-        header(PAPER_PROMPTS[p], k)
-        draw.text((label_w + k * cell + 4, 15), f"seed {s}", fill="gray", font=font)
-    reference = ev.references(style)[0]
-    for row, cfg in enumerate(ev.settings.configs):
-        result = by_unit.get((style.name, cfg.name))
-        y = header_h + row * cell
-        draw.text((4, y + 4), cfg.name, fill="black", font=font)
-        for line, (key, label) in enumerate(METRICS):
-            value = (result or {}).get(key)
-            draw.text((4, y + 20 + 14 * line), f"{label.split()[0]} {_fmt(value)}", fill="gray", font=font)
-        paste(reference, 0, row)
-        for k, (p, s) in enumerate(items, start=1):
-            path = ev.unit_dir(style, cfg) / _image_name(p, s)
-            if path.is_file():
-                paste(Image.open(path), k, row)
-            else:
-                draw.rectangle([label_w + k * cell + 1, y + 1, label_w + (k + 1) * cell - 2, y + cell - 2],
-                               fill=(220, 220, 220))
-    return grid
 
 
 # -- command line -------------------------------------------------------------------------------

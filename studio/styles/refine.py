@@ -59,7 +59,7 @@ def candidate_prompts(n: int = DEFAULT_CANDIDATES, offset: int = 0) -> list[str]
     ``offset`` starts further along the same order ("make other candidates"). Subjects that differ
     from the references are the point: they show whether the template learned the style or the content.
     """
-    from studio.styles.evaluate import PAPER_PROMPTS
+    from studio.styles.eval_config import PAPER_PROMPTS
 
     if not 1 <= n <= MAX_CANDIDATES:
         raise InputError(f"the number of candidates must be between 1 and {MAX_CANDIDATES}")

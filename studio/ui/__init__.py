@@ -70,6 +70,7 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
 
         demo.load(on_load, [train.job, gallery.search, gallery.selected],
                   train.reattach[2] + gallery.refresh[2] + [generate.template], api_visibility="private")
+        demo.load(None, None, None, js=train_tab.TITLE_WATCH_JS)  # the tab title shows the run
     # Pictures and files from the data folders reach the browser as copies in Gradio's cache; the folders
     # themselves (job records, requests, the queue, logs) are never served.
     served.serve_copies(demo, [api.jobs.runs_dir, api.store.root])

@@ -34,6 +34,32 @@ def guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def keep_page(n_outputs: int, title: str = "Not done") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """For the page's own buttons: a refused request shows its message as a notice that stays until
+    closed, and every output keeps what it showed (``gr.Error`` would turn each output, the last
+    run's plots and previews included, into an "Error" badge). API endpoints keep :func:`guard`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except gr.Error as exc:
+                message = exc.message
+            except StudioError as exc:
+                message = str(exc)
+            except Exception as exc:  # a bug: the details go to the log, the user gets one line
+                log.exception("%s failed", getattr(fn, "__name__", "event"))
+                message = f"Something went wrong ({type(exc).__name__}); details are in the server log."
+            gr.Warning(message, duration=None, title=title)
+            skipped = tuple(gr.skip() for _ in range(n_outputs))
+            return skipped[0] if n_outputs == 1 else skipped
+
+        return wrapper
+
+    return decorate
+
+
 def demo_notice(backbone: str) -> str:
     """The banner shown while the studio runs on the tiny offline model."""
     if backbone != "tiny":

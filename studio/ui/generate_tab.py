@@ -10,7 +10,7 @@ import gradio as gr
 from studio.api import StudioAPI, aspect_ratios
 from studio.media.compose import LAYOUTS
 from studio.ui import gen_options, present
-from studio.ui.common import guard
+from studio.ui.common import keep_page
 
 MODES = [("Picture", "text-to-image"), ("Comic page", "multi-panel"), ("Meme", "meme")]
 LAYOUT_CHOICES = [("Automatic", "auto")] + [(f"{r} row{'s' if r != '1' else ''} × {c}", v)
@@ -123,7 +123,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                      api_visibility="private", queue=False)
     ui.dice.click(lambda: random.randint(0, 2**31 - 1), None, ui.seed, api_visibility="private", queue=False)
 
-    @guard
+    @keep_page(2, title="Not generated")  # the last pictures stay on screen
     def run(template_id, mode, prompt, panels, layout, gutter, border, single, top, bottom, meme_style, scale,
             aspect, count, seed, steps, guidance, mix_with, mix_scale, schedule, blend, prior,
             progress=gr.Progress()):

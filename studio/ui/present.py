@@ -67,14 +67,33 @@ def status_html(status: dict | None) -> str:
         parts.append(f"ETA {fmt_duration(status['eta_s'])}")
     message = status.get("error") if state == "failed" else status.get("message")
     name = html.escape(status.get("name") or "")
+    label = STATE_LABELS.get(state, state)
+    if state in ("queued", "running") and status.get("cancel_requested"):
+        label, message = "Cancelling…", "stopping at the next step or preview image; the last checkpoint is kept"
     return (
-        f'<div class="job-card {state}">'
-        f'<div class="job-head"><span class="badge {state}">{STATE_LABELS.get(state, state)}</span> '
+        f'<div class="job-card {state}" data-title="{html.escape(tab_title(status))}">'
+        f'<div class="job-head"><span class="badge {state}">{html.escape(label)}</span> '
         f'<b>{name}</b> <span class="job-meta">{" · ".join(html.escape(p) for p in parts)}</span></div>'
         f'<div class="bar" role="progressbar" aria-valuenow="{pct:.0f}" aria-valuemin="0" aria-valuemax="100">'
         f'<div class="fill {state}" style="width:{pct:.1f}%"></div></div>'
         f'<div class="job-msg">{html.escape(message or "")}</div></div>'
     )
+
+
+def tab_title(status: dict | None) -> str:
+    """The browser tab's title: progress while a training runs (``[57%] Training Blue Blobs``), its end after."""
+    base = "Style Template Studio"
+    if not status:
+        return base
+    state, name = status.get("state") or "queued", status.get("name") or "a template"
+    step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
+    if state == "running":
+        if status.get("cancel_requested"):
+            return f"Cancelling {name} – {base}"
+        return f"[{100 * step // total if total else 0}%] Training {name} – {base}"
+    if state == "queued":
+        return f"[waiting] {name} – {base}"
+    return f"{STATE_LABELS.get(state, state)}: {name} – {base}"
 
 
 def loss_frame(losses: list[float | None]) -> pd.DataFrame | None:

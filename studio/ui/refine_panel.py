@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio.api import StudioAPI
-from studio.jobs.jobs import FINAL
+from studio.jobs.records import FINAL
 from studio.styles.refine import DEFAULT_CANDIDATES, DEFAULT_TOP_K, MAX_CANDIDATES, read_candidate_prompt
 from studio.ui import present
 from studio.ui.common import guard

@@ -15,9 +15,9 @@ import gradio as gr
 from studio.api import StudioAPI, preview_prompts_of, suggest_name
 from studio.engine.recipe import PRESETS, Recipe
 from studio.errors import StudioError
-from studio.jobs.jobs import FINAL
+from studio.jobs.records import FINAL
 from studio.ui import present
-from studio.ui.common import guard
+from studio.ui.common import keep_page
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render, soft clay", "ukiyo-e woodblock print",
@@ -25,6 +25,34 @@ STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render
 PRESET_CHOICES = [("Paper default — 300 steps", "paper"), ("Quick preview — 100 steps", "quick"),
                   ("High fidelity — 1024 px", "high_fidelity")]
 RESOLUTIONS = [("Model default", "auto"), ("512 px", "512"), ("768 px", "768"), ("1024 px", "1024")]
+# Train asks once for permission to notify (a click is the gesture browsers require); no sound.
+ASK_NOTIFY_JS = """(...args) => {
+  if (window.Notification && Notification.permission === "default") { Notification.requestPermission(); }
+  return args;
+}"""
+# The tab title follows the status card (its data-title), whichever event redrew the card; when a run
+# this page watched ends, a notification says so (if allowed). Installed once when the page loads.
+TITLE_WATCH_JS = """() => {
+  const watch = () => {
+    const root = document.querySelector("#job-status");
+    if (!root) { setTimeout(watch, 500); return; }
+    const update = () => {
+      const card = root.querySelector("[data-title]");
+      const title = card && card.dataset.title;
+      if (!title || title === document.title) { return; }
+      const watched = document.title.startsWith("[") || document.title.startsWith("Cancelling");
+      document.title = title;
+      const ended = /^(Done|Failed|Cancelled): /.test(title);
+      if (ended && watched && window.Notification && Notification.permission === "granted") {
+        new Notification(title.split(" – ")[0], {silent: true});
+      }
+    };
+    new MutationObserver(update).observe(root, {subtree: true, childList: true, attributes: true,
+                                                characterData: true});
+    update();
+  };
+  watch();
+}"""
 
 
 def _preset_values(preset: str) -> tuple[int, int, str]:
@@ -58,6 +86,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             gr.Examples([[s] for s in STYLE_EXAMPLES], inputs=[ui.style], label="Style prompt examples",
                         examples_per_page=len(STYLE_EXAMPLES))
             ui.name = gr.Textbox(label="Template name", placeholder="suggested from the style prompt",
+                                 info="Leave it empty to use the suggestion shown.",
                                  elem_id="template-name", max_lines=1)
             ui.preset = gr.Radio(PRESET_CHOICES, value="paper", label="Preset", elem_id="preset",
                                  info="Paper default is the recipe from the Style-friendly SNR paper.")
@@ -73,7 +102,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                     ui.lr = gr.Number(1e-4, label="Learning rate", step=1e-5)
                     ui.rank = gr.Slider(4, 128, value=32, step=4, label="LoRA rank")
                 with gr.Row():
-                    ui.resolution = gr.Dropdown(RESOLUTIONS, value=res0, label="Resolution")
+                    ui.resolution = gr.Dropdown(RESOLUTIONS, value=res0, label="Resolution", elem_id="resolution")
                     ui.seed = gr.Number(0, label="Seed", precision=0)
                     ui.offset = gr.Slider(0.0, 0.1, value=0.0, step=0.01, label="Offset noise")
                 with gr.Row():
@@ -147,16 +176,18 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.similar.select(pick_similar, ui.similar_found, [ui.similar_pick, ui.similar_use], api_visibility="private",
                       queue=False)
 
-    def fill_name(style, name):
-        if (name or "").strip() or not (style or "").strip():
-            return gr.skip()
-        return suggest_name(style, {t["name"] for t in api.template_list()})
+    def suggest(style):
+        """The suggestion is only a placeholder: it can never replace a name the user typed, however
+        late it arrives; an empty name is given the same suggestion when the job is submitted."""
+        if not (style or "").strip():
+            return gr.Textbox(placeholder="suggested from the style prompt")
+        return gr.Textbox(placeholder=suggest_name(style, {t["name"] for t in api.template_list()}))
 
-    ui.style.blur(fill_name, [ui.style, ui.name], ui.name, api_visibility="private")
+    ui.style.blur(suggest, ui.style, ui.name, api_visibility="private")
     ui.preset.change(_preset_values, ui.preset, [ui.steps, ui.every, ui.resolution], api_visibility="private",
                      queue=False)
 
-    @guard
+    @keep_page(9, title="Training not started")
     def start(files, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed, offset, every,
               preview_prompt, noise_prior=False):
         # sigma empty (or 0): the backbone family's paper default
@@ -175,7 +206,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
     panel = [ui.status, ui.cancel, ui.use, ui.loss, ui.tplot, ui.previews, ui.shown, ui.timer]
     ui.train.click(start, [ui.refs, ui.style, ui.name, ui.preset, ui.sampler, ui.mu, ui.sigma, ui.steps, ui.lr,
                            ui.rank, ui.resolution, ui.seed, ui.offset, ui.every, ui.preview_prompt, ui.noise_prior],
-                   [ui.job] + panel, api_visibility="private", concurrency_limit=4)
+                   [ui.job] + panel, api_visibility="private", concurrency_limit=4, js=ASK_NOTIFY_JS)
 
     def render(job_id, shown):
         """One poll: only what changed goes to the browser."""
@@ -206,7 +237,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.timer.tick(render, [ui.job, ui.shown], panel + [ui.finished], api_visibility="private",
                   concurrency_limit=None)
 
-    @guard
+    @keep_page(1, title="Not cancelled")
     def cancel(job_id):
         if job_id:
             api.cancel(job_id)
