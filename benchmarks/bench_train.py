@@ -138,6 +138,33 @@ def read_peak(device: torch.device) -> int:
     return int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0
 
 
+class PhaseMeter:
+    """Peak device memory per named phase of a loop, measured the same way for every loop.
+
+    ``mark(name)`` closes the phase that ran since the previous mark, records its peak allocated and
+    peak reserved bytes (``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``) under ``name``
+    (``None``: not recorded) and resets the peak counters for the next phase. A phase marked more
+    than once (every training step) keeps its largest peak. On a CPU nothing is measured: a recorded
+    phase reads ``(0, 0)``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peaks: dict[str, tuple[int, int]] = {}
+
+    def mark(self, name: str | None) -> None:
+        if self.device.type != "cuda":
+            if name is not None:
+                self.peaks.setdefault(name, (0, 0))
+            return
+        torch.cuda.synchronize()
+        if name is not None:
+            allocated, reserved = self.peaks.get(name, (0, 0))
+            self.peaks[name] = (max(allocated, int(torch.cuda.max_memory_allocated())),
+                                max(reserved, int(torch.cuda.max_memory_reserved())))
+        torch.cuda.reset_peak_memory_stats()
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     """Measured dense matmul FLOP/s of this device in the training dtype (the floor's denominator)."""
     n = 8192 if device.type == "cuda" else 1024
@@ -225,7 +252,7 @@ def finish_loop(backbone, adapter: str) -> None:
 
 
 def diffusers_style_loop(backbone, image: Image.Image, prompt: str, recipe: Recipe,
-                         steps: int) -> tuple[list[float], int]:
+                         steps: int, phases: PhaseMeter | None = None) -> tuple[list[float], int]:
     """The training loop of diffusers' train_dreambooth_lora_flux.py / _sd3.py, same LoRA and size.
 
     What it keeps from those scripts (diffusers 0.3x-0.4x, default arguments): prompt embeddings
@@ -235,13 +262,19 @@ def diffusers_style_loop(backbone, image: Image.Image, prompt: str, recipe: Reci
     latent ids rebuilt every step; the loss read with ``.item()`` for the progress bar at every
     micro-step; AdamW (weight decay 1e-4) with gradient clipping at 1.0; LoRA weights in the
     model's dtype (the scripts upcast them only for fp16); bf16 autocast, gradient checkpointing.
+    ``phases`` (optional) gets the peaks of its phases: ``encode`` (the prompt), ``train`` (LoRA and
+    steps) and ``end_of_job`` (adapter removed, text encoders back).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
     from studio.engine.backbones.flux import unpack
 
     transformer, device, family = backbone.transformer, backbone.device, backbone.family
+    if phases:
+        phases.mark(None)
     cond = backbone.encode_prompts([prompt])[0]
+    if phases:
+        phases.mark("encode")
     backbone.offload_encoders()
     vae = backbone.pipe.vae
     shift = getattr(vae.config, "shift_factor", None) or 0.0
@@ -305,7 +338,11 @@ def diffusers_style_loop(backbone, image: Image.Image, prompt: str, recipe: Reci
         sync(device)
         times.append(time.perf_counter() - t0)
     peak = read_peak(device)
+    if phases:
+        phases.mark("train")
     finish_loop(backbone, "diffusers")
+    if phases:
+        phases.mark("end_of_job")
     return times, peak
 
 
@@ -321,12 +358,15 @@ def studio_loop(backbone, image: Image.Image, prompt: str, recipe: Recipe, steps
     return timer.times, read_peak(backbone.device), result
 
 
-def compile_blocks(backbone) -> None:
-    """Regional compilation: each transformer block on its own (short compile, same graph for all blocks)."""
+def compile_blocks(backbone, **options) -> None:
+    """Regional compilation: each transformer block on its own (short compile, same graph for all blocks).
+
+    ``options`` go to ``Module.compile`` (e.g. ``backend="eager"`` to check the code path on a CPU).
+    """
     transformer = backbone.transformer
     for blocks in (transformer.transformer_blocks, getattr(transformer, "single_transformer_blocks", [])):
         for block in blocks:
-            block.compile()
+            block.compile(**options)
 
 
 def step_flops(backbone, image: Image.Image, prompt: str, recipe: Recipe) -> int:
@@ -362,8 +402,13 @@ def forward_flops(backbone, cond, negative, size: int) -> int:
     return counter.get_total_flops()
 
 
-def generation_bench(backbone, size: int, steps: int, reps: int, lora_dirs: list[Path], reload) -> dict:
-    """Seconds per image at ``steps`` on the warm pipeline, and LoRA swap times."""
+def generation_bench(backbone, size: int, steps: int, reps: int, lora_dirs: list[Path], reload=None,
+                     count_flops: bool = True) -> dict:
+    """Seconds per image at ``steps`` on the warm pipeline, and LoRA swap times.
+
+    ``reload`` (optional) reloads the base pipeline and returns its seconds (``reload_pipeline``);
+    ``count_flops`` adds ``flops_per_image`` (one more forward, under the FLOP counter).
+    """
     from studio.engine.generation import activate_templates
 
     device = backbone.device
@@ -381,7 +426,8 @@ def generation_bench(backbone, size: int, steps: int, reps: int, lora_dirs: list
         sync(device)
         times.append(time.perf_counter() - t0)
     out["s_per_image"] = statistics.median(times)
-    out["flops_per_image"] = forward_flops(backbone, cond, negative, size) * steps
+    if count_flops:
+        out["flops_per_image"] = forward_flops(backbone, cond, negative, size) * steps
     activate_templates(backbone, [])
     pipe = backbone.pipe
 
@@ -400,7 +446,8 @@ def generation_bench(backbone, size: int, steps: int, reps: int, lora_dirs: list
         [timed(lambda name=name: pipe.set_adapters([name], adapter_weights=[1.0])) for name in ("a", "b", "a", "b")])
     out["mix_two"] = timed(lambda: pipe.set_adapters(["a", "b"], adapter_weights=[0.7, 0.5]))
     out["delete"] = timed(lambda: pipe.delete_adapters(["a", "b"]))
-    out["reload_pipeline"] = reload()
+    if reload is not None:
+        out["reload_pipeline"] = reload()
     return out
 
 
@@ -456,7 +503,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="tiny", choices=["tiny", "flux-dev", "sd3.5-large", "sd3.5-medium"])
     parser.add_argument("--tier", default=None,
-                        help="comma-separated memory tiers (bf16,int8,nf4; default: all three on a GPU, bf16 on a CPU)")
+                        help="comma-separated memory tiers (bf16,fp8,int8,nf4; default: all on a GPU, bf16 on a CPU)")
     parser.add_argument("--resolution", default=None, help="comma-separated sizes (default 512,1024; tiny 64)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimiser steps per loop")
     parser.add_argument("--warmup", type=int, default=2)
@@ -477,7 +524,7 @@ def main() -> None:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    tiers = (args.tier or ("bf16,int8,nf4" if on_gpu else "bf16")).split(",")
+    tiers = (args.tier or ("bf16,fp8,int8,nf4" if on_gpu else "bf16")).split(",")
     if args.arch == "tiny":
         sizes = [int(r) for r in (args.resolution or "64").split(",")]
         from studio.engine.backbones.tiny import ensure_tiny_flux
@@ -498,7 +545,7 @@ def main() -> None:
             return load_backbone("tiny", tier=tier)
         cls = FluxBackbone if args.arch == "flux-dev" else SD3Backbone
         backbone = cls.load(args.arch + "-random", str(folder), tier=tier,
-                            offload_text_encoders=bool(plan and plan.offload_text_encoders))
+                            text_encoder_placement=plan.text_encoder_placement if plan else None)
         if args.smoke:
             backbone.max_sequence_length = 32  # a short prompt: the smoke run checks code paths, not speed
         return backbone
@@ -535,8 +582,7 @@ def main() -> None:
             reference = (rows[0][1] + rows[3][1]) / 2
             print(f"\n### {size}x{size}, LoRA rank {args.rank}, batch 1 x accumulation {recipe.grad_accum}, "
                   f"{steps} timed steps (median of each loop)\n")
-            where = ("GPU memory, text encoders on the CPU" if plan.offload_text_encoders else "GPU memory"
-                     ) if plan.on_gpu else "host memory"
+            where = f"GPU memory, {plan.placement.title}" if plan.on_gpu else "host memory"
             print(f"expected peak (studio.engine.memory): {plan.peak_bytes / 2**30:.2f} GiB {where}; "
                   f"FLOPs per optimiser step {fmt_flops(flops)} -> floor {fmt_s(floor)} s\n")
             print("| loop | s / optimiser step | ratio to diffusers-style | x floor | peak GPU memory (GiB) |")

@@ -182,8 +182,7 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     plan = plan_training(spec.backbone_id, recipe)  # refuses a run that would not fit, before loading
     print(f"memory: {plan.describe()}", file=sys.stderr)
     print(f"loading backbone {spec.backbone_id} ...", file=sys.stderr)
-    backbone = load_backbone(spec.backbone_id, precision=recipe.precision, tier=plan.tier.name,
-                             offload_text_encoders=plan.offload_text_encoders)
+    backbone = load_backbone(spec.backbone_id, precision=recipe.precision, **plan.load_kwargs())
     if spec.is_tiny:
         print("note: 'tiny' is a small random-weight demo model; use --backbone flux-dev on a GPU "
               "for real styles", file=sys.stderr)
@@ -281,8 +280,7 @@ def cmd_refine(args: argparse.Namespace, store) -> int:
     memory = plan_training(spec.backbone_id, plan.recipe)
     print(f"memory: {memory.describe()}", file=sys.stderr)
     print(f"loading backbone {spec.backbone_id} ...", file=sys.stderr)
-    backbone = load_backbone(spec.backbone_id, precision=plan.recipe.precision, tier=memory.tier.name,
-                             offload_text_encoders=memory.offload_text_encoders)
+    backbone = load_backbone(spec.backbone_id, precision=plan.recipe.precision, **memory.load_kwargs())
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir("refine")
     print(f"run folder: {run_dir}", file=sys.stderr)
     if plan.request is not None:

@@ -234,10 +234,11 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
     weights = None
     if fusion.is_active(options.fusion_weight, options.style_schedule):
         weights = fusion.step_weights(steps, options.fusion_weight, options.style_schedule)
-    conds = backbone.encode_prompts([prompt])
-    negative = None
-    if backbone.negative_prompt() is not None:
-        negative = backbone.encode_prompts([backbone.negative_prompt()])[0]
+    # One call: text encoders that rest on the CPU are moved to the GPU once for both prompts, and a
+    # prompt encoded before (the negative, a preview's, a repeated request's) comes from the cache.
+    texts = [prompt] if backbone.negative_prompt() is None else [prompt, backbone.negative_prompt()]
+    conds = backbone.encode_prompts(texts)
+    negative = conds[1] if len(conds) > 1 else None
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for k in range(options.num_images):

@@ -1,31 +1,40 @@
-"""Memory tiers: which precision of the base weights fits this GPU, and how much memory a run needs.
+"""Memory tiers and text-encoder placements: what fits this GPU, in every phase of a job.
 
-Most artists have a 12-24 GB card; FLUX.1-dev's transformer alone is 23.8 GB in bf16. A *tier*
-says how the frozen base weights are stored; the LoRA itself always trains in fp32 on top:
+Most artists have a 12-24 GB card; FLUX.1-dev's transformer alone is 23.8 GB in bf16, its T5-XXL
+text encoder 9.5 GB. A *tier* says how the frozen base weights are stored; the LoRA itself always
+trains in fp32 on top:
 
-========  ============================================  ==========================================
-tier      base weights                                  typical card (FLUX.1-dev, paper recipe)
-========  ============================================  ==========================================
-``bf16``  full precision (bf16 on GPUs, fp32 on CPUs)   40 GB and more (32 GB with the levers)
-``int8``  8-bit (bitsandbytes LLM.int8 / quanto qint8)  24 GB class
-``nf4``   4-bit NF4 (bitsandbytes; QLoRA)               12-16 GB class
-========  ============================================  ==========================================
+========  ===================================================  ===========================================
+tier      base weights                                         typical card (FLUX.1-dev, paper recipe)
+========  ===================================================  ===========================================
+``bf16``  full precision (bf16 on GPUs, fp32 on CPUs)          40 GB and more
+``fp8``   8-bit float storage, bf16 compute (quanto qfloat8)   24-32 GB class (ai-toolkit's FLUX default)
+``int8``  8-bit integer (bitsandbytes LLM.int8 / quanto int8)  by name only: as small as fp8, slower to train
+``nf4``   4-bit NF4 (bitsandbytes; QLoRA) / quanto int4        12-16 GB class
+========  ===================================================  ===========================================
 
-Levers that stack with every tier: the text encoders run once and leave the GPU (always, see
-:mod:`studio.engine.training`); when the encoding phase itself would not fit, they never come onto the GPU
-and run on the CPU instead (``offload_text_encoders``); gradient checkpointing (on by default on
-GPUs); the VAE stays (it decodes previews) and is small.
+``auto`` tries bf16, fp8, nf4 (common practice until measured on GPUs; quanto's float8 also runs on
+CPUs, see tests/test_memory.py). A *text-encoder placement* says where the text encoders live and
+compute (:data:`~studio.engine.memory_phases.PLACEMENTS`): ``gpu`` (on the GPU; on the CPU while a
+training runs, moved back to encode), ``swap`` (stored on the CPU, moved to the GPU for each encode),
+``gpu-8bit`` / ``gpu-4bit`` (T5 quantised with the tier's backend, staying on the GPU), and as the
+last resort ``cpu-fp32`` (they encode on the CPU in fp32; never in bf16, which is ~9x slower there).
+Prompt conditionings are cached (:class:`~studio.engine.backbones.base.PromptCache`), so each new
+prompt is encoded once. Gradient checkpointing is on by default on GPUs; the VAE stays (it decodes).
 
-:func:`choose_tier` picks the best tier whose estimated peak fits (``auto``), or checks the one
-asked for, and raises :class:`~studio.errors.InsufficientMemoryError` naming what would fit
-otherwise, so a run that cannot fit is refused before any model is loaded, not mid-way.
+A job goes through phases (:mod:`studio.engine.memory_phases`: load, encode, train, preview, a
+generation between training steps, end of job, the next job on the warm model), each holding a
+different set of tensors. :func:`choose_tier` picks, tier by tier, the first placement whose every
+phase fits (``cpu-fp32`` only after every tier failed on the GPU), or checks the tier asked for, and
+raises :class:`~studio.errors.InsufficientMemoryError` naming what would fit otherwise, so a run that
+cannot fit is refused before any model is loaded, not mid-way.
 
-The estimate (:func:`estimate_peak`) is arithmetic on exact parameter counts, which come from the
-model configs by instantiating the models on PyTorch's ``meta`` device (no weights, no memory),
-plus an activation model:
+The estimate is arithmetic on exact parameter counts, which come from the model configs by
+instantiating the models on PyTorch's ``meta`` device (no weights, no memory), plus an activation model:
 
-* base weights: ``Linear`` weights at the tier's bytes per weight (int8: 1, NF4: 0.53 with the
-  block scales); everything else (biases, norms, embeddings) in bf16;
+* base weights: ``Linear`` weights at the tier's bytes per weight (fp8 / int8: 1, NF4: 0.53 with the
+  block scales); everything else (biases, norms, embeddings) in bf16; text encoders in bf16 (fp32 for
+  ``cpu-fp32``, which counts in host RAM), T5's ``Linear`` weights at 1 / 0.53 bytes when quantised;
 * LoRA: 16 bytes per parameter (fp32 weight, fp32 gradient, Adam's two fp32 moments);
 * activations of one micro-step (batch 1): ``tokens = (side / 16)^2 + text tokens``. With gradient
   checkpointing each block keeps its input (``tokens x hidden x 2`` bytes) and one block at a time
@@ -34,10 +43,15 @@ plus an activation model:
   ``torch.autograd.graph.saved_tensors_hooks`` on the full-size architectures on the meta device,
   with the paper's LoRA attached, not counting views of the weights nor the quadratic attention
   matrix (SDPA's flash kernel does not store it);
-* the phases do not overlap: encoding prompts (text encoders on the GPU unless offloaded), a
-  training step, a preview (VAE decode: about 6 full-resolution tensors of the decoder's first width);
-* the peak of the largest phase, plus 7 % allocator fragmentation and 0.75 GB for the CUDA context
-  and cuBLAS workspaces (outside PyTorch's allocator), must fit in 92 % of the card.
+* a VAE decode (and a reference's encode): about 6 full-resolution tensors of the decoder's first
+  width; a text-encoder forward: 0.25 GB;
+* each phase's bytes, plus 7 % allocator fragmentation and 0.75 GB for the CUDA context and cuBLAS
+  workspaces (outside PyTorch's allocator), must fit in 92 % of the card; the host must hold 4 GB
+  plus the text encoders whenever they sit on the CPU.
+
+Not modelled: ``from_pretrained`` assembles each component in host memory before it moves to the GPU,
+so loading briefly needs host RAM for the largest component; generations between steps are planned
+at the training resolution.
 
 "GB" in messages is 2^30 bytes, which is what a card sold as "24 GB" holds.
 The GPU benchmark (benchmarks/bench_train.py) prints this estimate beside the measured peak.
@@ -51,10 +65,37 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.engine.memory_phases import (
+    CPU_FP32_FLOPS,
+    CUDA_CONTEXT,
+    GB,
+    GENERATION_PHASES,
+    GPU_PLACEMENTS,
+    HOST_BASELINE,
+    PHASE_ESTIMATORS,
+    PLACEMENT_ORDER,
+    PLACEMENTS,
+    TIER_ORDER,
+    TIERS,
+    TRAINING_PHASES,
+    USABLE_FRACTION,
+    ArchParams,
+    Placement,
+    Setting,
+    Tier,
+    encode_seconds,
+    host_bytes,
+    job_phases,
+    parts,
+    phase_peaks,
+)
 from studio.errors import InputError, InsufficientMemoryError
 
-GB = 2**30
-TIER_CHOICES = ("auto", "bf16", "int8", "nf4")
+__all__ = ["CUDA_CONTEXT", "GB", "GENERATION_PHASES", "HOST_BASELINE", "PHASE_ESTIMATORS", "PLACEMENTS",
+           "PLACEMENT_ORDER", "TIERS", "TIER_ORDER", "TRAINING_PHASES", "USABLE_FRACTION", "ArchParams", "MemoryPlan",
+           "Placement", "Tier", "arch_params", "choose_tier", "estimate_peak", "job_phases", "plan_for",
+           "plan_training"]
+TIER_CHOICES = ("auto", "bf16", "fp8", "int8", "nf4")
 
 # -- the full-size reference architectures (the configs of the released checkpoints) -----------------
 
@@ -96,69 +137,9 @@ REFERENCE_ARCHS = {  # name: (family, transformer config, [(text encoder class, 
                                                      ("T5EncoderModel", T5_XXL)], 77 + 256),
 }
 FAMILY_REFERENCE = {"flux": "flux-dev", "sd3": "sd3.5-large"}  # unknown checkpoints of a family: its largest
-
-# -- the activation and overhead model (see the module docstring) ----------------------------------------
-
-ACT_BYTES = {"flux": 54.0, "sd3": 44.0}  # per block, per token and hidden unit, bf16, no checkpointing
-DECODE_TENSORS = 6  # full-resolution tensors of the VAE decoder's first width alive at its peak
-INFERENCE_ACT_BYTES = 16.0  # per token and hidden unit: a no-grad forward keeps a few tensors of one block
-LORA_STATE_BYTES = 16  # fp32 weight + fp32 gradient + Adam exp_avg + exp_avg_sq
-FRAGMENTATION = 0.07
-CUDA_CONTEXT = 0.75 * GB
-USABLE_FRACTION = 0.92  # of the card's total memory: other processes and the desktop need some
-HOST_BASELINE = 4 * GB  # Python, torch, diffusers and the data a worker holds in host memory
-
-
-@dataclass(frozen=True)
-class Tier:
-    """How the frozen base weights are stored."""
-
-    name: str  # "bf16" | "int8" | "nf4"
-    title: str
-    linear_bytes: float | None  # bytes per base Linear weight; None: the run's precision (bf16 / fp32)
-    card_class: str  # the cards it is meant for (FLUX.1-dev), for people
-
-    @property
-    def quantized(self) -> bool:
-        return self.linear_bytes is not None
-
-
-TIERS: dict[str, Tier] = {
-    "bf16": Tier("bf16", "full-precision base weights", None, "40 GB and more"),
-    "int8": Tier("int8", "8-bit base weights", 1.0, "24 GB class"),
-    # NF4: 4 bits + an 8-bit block scale per 64 weights (double quantisation); quanto's int4: 4 bits +
-    # a bf16 scale and shift per 128. Both round up to ~0.53 bytes per weight.
-    "nf4": Tier("nf4", "4-bit NF4 base weights, QLoRA", 0.53, "12-16 GB class"),
-}
-TIER_ORDER = ("bf16", "int8", "nf4")  # best fidelity first; auto takes the first that fits
-
+CLIP_TOKENS = 77
 
 # -- parameter counts ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ArchParams:
-    """What the estimate needs to know about a model, counted exactly from its configs."""
-
-    name: str
-    family: str  # "flux" | "sd3"
-    linear_weights: int  # weights of the transformer's nn.Linear layers: what the 8/4-bit tiers quantise
-    other_params: int  # the transformer's other parameters (biases, norms, embeddings): kept in bf16
-    lora_per_rank: int  # LoRA parameters per unit of rank on the paper's targets
-    text_encoder_params: int
-    vae_params: int
-    hidden: int
-    blocks: int  # transformer blocks: the gradient-checkpointing granularity
-    text_tokens: int
-    pixels_per_token: int  # image side per token side: VAE downscale x 2 (FLUX packing / SD3 patches)
-    vae_width: int  # the VAE decoder's full-resolution channel count
-
-    @property
-    def transformer_params(self) -> int:
-        return self.linear_weights + self.other_params
-
-    def lora_params(self, rank: int) -> int:
-        return self.lora_per_rank * rank
 
 
 def _count_transformer(family: str, config: dict) -> tuple[int, int, int, int, int]:
@@ -187,14 +168,30 @@ def _count_transformer(family: str, config: dict) -> tuple[int, int, int, int, i
     return linear, total - linear, lora, hidden, blocks
 
 
-def _count_text_encoder(class_name: str, config: dict) -> int:
+def _count_text_encoder(class_name: str, config: dict) -> tuple[int, int]:
+    """(parameters, nn.Linear weights) of a transformers text-encoder config."""
     import torch
     import transformers
 
     cls = getattr(transformers, class_name)
     with torch.device("meta"):
         model = cls(cls.config_class.from_dict(config))
-    return sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return sum(p.numel() for p in model.parameters()), linear
+
+
+def _text_encoder_counts(encoders: list[tuple[str, dict]], family: str, text_tokens: int) -> tuple[int, int, float]:
+    """(parameters of all text encoders, T5's Linear weights, FLOPs to encode one prompt)."""
+    t5_tokens = text_tokens - (CLIP_TOKENS if family == "sd3" else 0)
+    total = t5_linear = 0
+    flops = 0.0
+    for class_name, config in encoders:
+        params, linear = _count_text_encoder(class_name, config)
+        total += params
+        is_t5 = class_name == "T5EncoderModel"
+        t5_linear += linear if is_t5 else 0
+        flops += 2.0 * linear * (t5_tokens if is_t5 else CLIP_TOKENS)  # a multiply-add per weight and token
+    return total, t5_linear, flops
 
 
 def _count_vae(config: dict) -> tuple[int, int, int]:
@@ -213,24 +210,25 @@ def arch_params(arch: str) -> ArchParams:
     """Exact counts for a reference architecture name (``flux-dev``...) or a local pipeline folder."""
     if arch in REFERENCE_ARCHS:
         family, tconfig, encoders, text_tokens = REFERENCE_ARCHS[arch]
-        linear, other, lora, hidden, blocks = _count_transformer(family, tconfig)
-        text = sum(_count_text_encoder(cls, cfg) for cls, cfg in encoders)
-        vae, factor, width = _count_vae(VAE_16CH)
-        return ArchParams(arch, family, linear, other, lora, text, vae, hidden, blocks, text_tokens, factor * 2, width)
-    folder = Path(arch)
-    index = json.loads((folder / "model_index.json").read_text())
-    family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(index.get("_class_name"))
-    if family is None:
-        raise InputError(f"{arch}: not a FluxPipeline or StableDiffusion3Pipeline folder")
-    linear, other, lora, hidden, blocks = _count_transformer(
-        family, json.loads((folder / "transformer" / "config.json").read_text()))
-    text = 0
-    for sub in sorted(folder.glob("text_encoder*")):
-        config = json.loads((sub / "config.json").read_text())
-        text += _count_text_encoder(config["architectures"][0], config)
-    vae, factor, width = _count_vae(json.loads((folder / "vae" / "config.json").read_text()))
-    return ArchParams(folder.name, family, linear, other, lora, text, vae, hidden, blocks,
-                      _text_tokens(folder, family), factor * 2, width)
+        name, vae_config = arch, VAE_16CH
+    else:
+        folder = Path(arch)
+        index = json.loads((folder / "model_index.json").read_text())
+        family = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}.get(index.get("_class_name"))
+        if family is None:
+            raise InputError(f"{arch}: not a FluxPipeline or StableDiffusion3Pipeline folder")
+        tconfig = json.loads((folder / "transformer" / "config.json").read_text())
+        encoders = []
+        for sub in sorted(folder.glob("text_encoder*")):
+            config = json.loads((sub / "config.json").read_text())
+            encoders.append((config["architectures"][0], config))
+        name, text_tokens = folder.name, _text_tokens(folder, family)
+        vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    linear, other, lora, hidden, blocks = _count_transformer(family, tconfig)
+    text, t5_linear, flops = _text_encoder_counts(encoders, family, text_tokens)
+    vae, factor, width = _count_vae(vae_config)
+    return ArchParams(name, family, linear, other, lora, text, vae, hidden, blocks, text_tokens, factor * 2, width,
+                      t5_linear, flops)
 
 
 def _text_tokens(folder: Path, family: str) -> int:
@@ -241,7 +239,7 @@ def _text_tokens(folder: Path, family: str) -> int:
         length = int(json.loads((t5_dir / "tokenizer_config.json").read_text()).get("model_max_length") or cap)
     except (OSError, ValueError):
         length = cap
-    return min(length, cap) + (77 if family == "sd3" else 0)
+    return min(length, cap) + (CLIP_TOKENS if family == "sd3" else 0)
 
 
 def arch_for_backbone(backbone_id: str) -> str:
@@ -266,73 +264,86 @@ def arch_for_backbone(backbone_id: str) -> str:
 
 def estimate_peak(arch: ArchParams, tier: Tier, resolution: int, *, rank: int = 32, checkpointing: bool = True,
                   offload_text_encoders: bool = False, mode: str = "train", precision_bytes: int = 2,
-                  ) -> dict[str, int]:
-    """Expected peak device memory in bytes (``"peak"``) and its parts, for one run.
+                  placement: str | None = None) -> dict[str, int]:
+    """Expected peak device memory in bytes (``"peak"``: the largest phase of the job) and its parts.
 
     ``mode`` is ``"train"`` (the paper's recipe: batch 1, LoRA of ``rank``) or ``"generate"``.
-    ``precision_bytes`` is 2 for bf16 (GPUs) or 4 for fp32 (CPUs). Unquantised tiers store the
-    Linear weights at that precision too.
+    ``precision_bytes`` is 2 for bf16 (GPUs) or 4 for fp32 (CPUs: one memory holds everything).
+    ``placement`` is the text encoders' (default ``gpu``; ``offload_text_encoders`` is the older
+    spelling of ``cpu-fp32``, the encoders never on the GPU). Each phase's peak is in
+    ``"phase:<name>"``.
     """
-    linear_bytes = precision_bytes if tier.linear_bytes is None else tier.linear_bytes
-    base = arch.linear_weights * linear_bytes + arch.other_params * precision_bytes
-    vae = arch.vae_params * precision_bytes
-    tokens = (resolution // arch.pixels_per_token) ** 2 + arch.text_tokens
-    per_block = ACT_BYTES[arch.family] * tokens * arch.hidden * precision_bytes / 2
-    parts = {"base_weights": base, "vae": vae,
-             "text_encoders": 0 if offload_text_encoders else arch.text_encoder_params * precision_bytes}
-    decode = resolution * resolution * arch.vae_width * precision_bytes * DECODE_TENSORS
-    inference = INFERENCE_ACT_BYTES * tokens * arch.hidden * precision_bytes / 2
-    encode_phase = base + vae + parts["text_encoders"]
-    if mode == "train":
-        parts["lora_and_adam"] = arch.lora_params(rank) * LORA_STATE_BYTES
-        if checkpointing:
-            parts["activations"] = arch.blocks * tokens * arch.hidden * precision_bytes + per_block
-        else:
-            parts["activations"] = arch.blocks * per_block
-        train_phase = base + vae + parts["lora_and_adam"] + parts["activations"]
-        preview_phase = base + vae + parts["lora_and_adam"] + decode + inference
-        phases = (encode_phase, train_phase, preview_phase)
-    else:
-        phases = (encode_phase, base + vae + decode + inference)
-    parts["decode"] = decode
-    parts["peak"] = max(phases) * (1 + FRAGMENTATION) + CUDA_CONTEXT
-    return {k: int(v) for k, v in parts.items()}
+    name = placement or ("cpu-fp32" if offload_text_encoders else "gpu")
+    setting = Setting(arch, tier, PLACEMENTS[name], resolution, rank, checkpointing, on_gpu=precision_bytes == 2)
+    phases = phase_peaks(setting, mode)
+    out = {k: int(v) for k, v in parts(setting).items()}
+    out.update({f"phase:{k}": v for k, v in phases.items()})
+    out["peak"] = max(phases.values())
+    return out
 
 
-def host_memory_needed(arch: ArchParams, offload_text_encoders: bool, precision_bytes: int = 2) -> int:
-    """Host RAM a GPU run needs: the baseline plus the text encoders when they live on the CPU."""
-    return int(HOST_BASELINE + (arch.text_encoder_params * precision_bytes if offload_text_encoders else 0))
+def host_memory_needed(arch: ArchParams, placement: str = "gpu") -> int:
+    """Host RAM a GPU run needs: the baseline plus the text encoders whenever they sit on the CPU."""
+    return host_bytes(Setting(arch, TIERS["bf16"], PLACEMENTS[placement], 512))
 
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """The settings a run will use and what it is expected to need."""
+    """The settings a run will use and what it is expected to need, phase by phase."""
 
     tier: Tier
     arch: str
     resolution: int
-    peak_bytes: int  # expected peak GPU memory (host memory on a CPU)
+    peak_bytes: int  # expected peak GPU memory over every phase (host memory on a CPU)
     device_bytes: int | None  # the GPU's total memory; None on a CPU
     ram_bytes: int | None
-    offload_text_encoders: bool = False
+    text_encoder_placement: str = "gpu"
     gradient_checkpointing: bool = True
     on_gpu: bool = True
     parts: dict[str, int] = field(default_factory=dict)
+    phase_peaks: dict[str, int] = field(default_factory=dict)  # phase -> predicted peak bytes
+    encode_seconds: float | None = None  # estimated CPU seconds per new prompt (cpu-fp32 only)
+
+    @property
+    def placement(self) -> Placement:
+        return PLACEMENTS[self.text_encoder_placement]
+
+    @property
+    def offload_text_encoders(self) -> bool:
+        """Whether the text encoders rest on the CPU (the older flag: ``swap`` and ``cpu-fp32``)."""
+        return self.on_gpu and self.placement.rest == "cpu"
+
+    def load_kwargs(self) -> dict:
+        """What :func:`studio.engine.backbones.load_backbone` needs to load the model this way."""
+        return {"tier": self.tier.name, "text_encoder_placement": self.text_encoder_placement}
+
+    def largest_phase(self) -> str:
+        return max(self.phase_peaks, key=self.phase_peaks.get) if self.phase_peaks else ""
 
     def describe(self) -> str:
-        """One line for people: the tier, the expected peak and the levers."""
+        """A sentence or two for people: the tier, the expected peak, the text encoders, the phases."""
         if not self.on_gpu:
             kind = "quantised base on the CPU" if self.tier.quantized else "fp32 on the CPU"
-            return f"tier {self.tier.name} ({kind}), expected peak ~{gb(self.peak_bytes)} of host memory"
-        levers = ["text encoders on the CPU" if self.offload_text_encoders else "text encoders freed after encoding"]
+            return (f"tier {self.tier.name} ({kind}), expected peak ~{gb(self.peak_bytes)} of host memory; "
+                    "text encoders in fp32")
+        levers = [self.placement.title + self._encode_note()]
         levers.append("gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing")
+        phases = ", ".join(f"{name.replace('_', ' ')} {v / GB:.1f}" for name, v in self.phase_peaks.items())
         return (f"tier {self.tier.name} ({self.tier.title}), expected peak ~{gb(self.peak_bytes)} of "
-                f"{gb(self.device_bytes or 0)} at {self.resolution} px; " + ", ".join(levers))
+                f"{gb(self.device_bytes or 0)} at {self.resolution} px; " + ", ".join(levers)
+                + (f"; GB per phase: {phases}" if phases else ""))
+
+    def _encode_note(self) -> str:
+        if self.encode_seconds is None:
+            return ""
+        return (f" (~{self.encode_seconds:.0f} s per new prompt, an estimate at an assumed "
+                f"{CPU_FP32_FLOPS / 1e9:.0f} GFLOP/s; repeated prompts are cached)")
 
     def to_dict(self) -> dict:
         return {"tier": self.tier.name, "expected_peak_bytes": self.peak_bytes, "device_bytes": self.device_bytes,
-                "resolution": self.resolution, "offload_text_encoders": self.offload_text_encoders,
-                "gradient_checkpointing": self.gradient_checkpointing}
+                "resolution": self.resolution, "text_encoder_placement": self.text_encoder_placement,
+                "offload_text_encoders": self.offload_text_encoders, "phase_peaks": dict(self.phase_peaks),
+                "encode_seconds_estimate": self.encode_seconds, "gradient_checkpointing": self.gradient_checkpointing}
 
 
 def gb(n: int) -> str:
@@ -340,18 +351,48 @@ def gb(n: int) -> str:
     return f"{n / GB:.1f} GB"
 
 
-def _fits(arch: ArchParams, tier: Tier, resolution: int, gpu_bytes: int, ram_bytes: int | None, rank: int,
-          checkpointing: bool, mode: str) -> tuple[bool, int, dict[str, int], bool]:
-    """Does ``tier`` fit? Tries the text encoders on the GPU first, then on the CPU (if RAM allows)."""
-    parts: dict[str, int] = {}
-    for offload in (False, True):
-        if offload and ram_bytes is not None and host_memory_needed(arch, True) > ram_bytes:
-            break
-        parts = estimate_peak(arch, tier, resolution, rank=rank, checkpointing=checkpointing,
-                              offload_text_encoders=offload, mode=mode)
-        if parts["peak"] <= gpu_bytes * USABLE_FRACTION:
-            return True, parts["peak"], parts, offload
-    return False, parts["peak"], parts, True
+@dataclass(frozen=True)
+class _Candidate:
+    """One (tier, placement) tried for a run: its phase peaks, and whether they and the host RAM fit."""
+
+    setting: Setting
+    phases: dict[str, int]
+    fits: bool
+
+    @property
+    def peak(self) -> int:
+        return max(self.phases.values())
+
+
+def _candidate(params: ArchParams, tier: str, placement: str, resolution: int, gpu_bytes: int,
+               ram_bytes: int | None, rank: int, checkpointing: bool, mode: str) -> _Candidate:
+    setting = Setting(params, TIERS[tier], PLACEMENTS[placement], resolution, rank, checkpointing)
+    phases = phase_peaks(setting, mode)
+    ram_ok = ram_bytes is None or host_bytes(setting) <= ram_bytes
+    return _Candidate(setting, phases, ram_ok and max(phases.values()) <= gpu_bytes * USABLE_FRACTION)
+
+
+def _first_fit(params: ArchParams, tiers: list[str], resolution: int, gpu_bytes: int, ram_bytes: int | None,
+               rank: int, checkpointing: bool, mode: str) -> _Candidate | None:
+    """The first (tier, placement) whose every phase fits: GPU-computing placements in every tier
+    first; a CPU encode (``cpu-fp32``) only when no tier fits otherwise."""
+    for group in (GPU_PLACEMENTS, ("cpu-fp32",)):
+        for tier in tiers:
+            for placement in group:
+                found = _candidate(params, tier, placement, resolution, gpu_bytes, ram_bytes, rank, checkpointing,
+                                   mode)
+                if found.fits:
+                    return found
+    return None
+
+
+def _closest(params: ArchParams, tier: str, resolution: int, gpu_bytes: int, ram_bytes: int | None, rank: int,
+             checkpointing: bool, mode: str) -> _Candidate:
+    """The placement of ``tier`` with the smallest peak (among those the host RAM allows, if any)."""
+    options = [_candidate(params, tier, p, resolution, gpu_bytes, ram_bytes, rank, checkpointing, mode)
+               for p in PLACEMENT_ORDER]
+    allowed = [c for c in options if ram_bytes is None or host_bytes(c.setting) <= ram_bytes] or options
+    return min(allowed, key=lambda c: c.peak)
 
 
 def choose_tier(gpu_bytes: int | None, ram_bytes: int | None, arch: str | ArchParams, resolution: int,
@@ -359,7 +400,8 @@ def choose_tier(gpu_bytes: int | None, ram_bytes: int | None, arch: str | ArchPa
                 mode: str = "train") -> MemoryPlan:
     """The memory plan for a run of ``arch`` at ``resolution`` on a GPU with ``gpu_bytes`` (None: no GPU).
 
-    ``override`` (``bf16`` / ``int8`` / ``nf4``; None or ``auto`` to choose) forces a tier. Raises
+    ``override`` (``bf16`` / ``fp8`` / ``int8`` / ``nf4``; None or ``auto`` to choose) forces a tier.
+    Every phase of the job (:func:`~studio.engine.memory_phases.job_phases`) must fit. Raises
     :class:`InsufficientMemoryError` when the chosen tier (or, with ``auto``, every tier) would not
     fit; its message says what would.
     """
@@ -370,62 +412,59 @@ def choose_tier(gpu_bytes: int | None, ram_bytes: int | None, arch: str | ArchPa
     if gpu_bytes is None:
         return _cpu_plan(params, ram_bytes, resolution, override, rank, bool(checkpointing), mode)
     checkpointing = True if checkpointing is None else checkpointing
-    names = [override] if override else list(TIER_ORDER)
-    for name in names:
-        ok, peak, parts, offload = _fits(params, TIERS[name], resolution, gpu_bytes, ram_bytes, rank,
-                                         checkpointing, mode)
-        if ok:
-            return MemoryPlan(TIERS[name], params.name, resolution, peak, gpu_bytes, ram_bytes, offload,
-                              checkpointing, True, parts)
-    raise InsufficientMemoryError(_refusal(params, gpu_bytes, ram_bytes, resolution, override, rank,
-                                           checkpointing, mode))
+    found = _first_fit(params, [override] if override else list(TIER_ORDER), resolution, gpu_bytes, ram_bytes,
+                       rank, checkpointing, mode)
+    if found is None:
+        raise InsufficientMemoryError(_refusal(params, gpu_bytes, ram_bytes, resolution, override, rank,
+                                               checkpointing, mode))
+    s = found.setting
+    return MemoryPlan(s.tier, params.name, resolution, found.peak, gpu_bytes, ram_bytes, s.placement.name,
+                      checkpointing, True, {k: int(v) for k, v in parts(s).items()}, found.phases, encode_seconds(s))
 
 
 def _cpu_plan(params: ArchParams, ram_bytes: int | None, resolution: int, override: str | None, rank: int,
               checkpointing: bool, mode: str) -> MemoryPlan:
-    """No GPU: unquantised fp32 unless a tier is forced; everything lives in host memory."""
-    tier = TIERS[override or "bf16"]
-    parts = estimate_peak(params, tier, resolution, rank=rank, checkpointing=checkpointing, mode=mode,
-                          precision_bytes=4)
-    peak = int(parts["peak"] - CUDA_CONTEXT + HOST_BASELINE)
+    """No GPU: unquantised fp32 unless a tier is forced; everything (text encoders in fp32) in host memory."""
+    setting = Setting(params, TIERS[override or "bf16"], PLACEMENTS["cpu-fp32"], resolution, rank, checkpointing,
+                      on_gpu=False)
+    phases = phase_peaks(setting, mode)
+    peak = max(phases.values())
     if ram_bytes is not None and peak > ram_bytes:
         raise InsufficientMemoryError(
             f"{params.name} needs ~{gb(peak)} of memory at {resolution} px on the CPU; this machine has "
             f"{gb(ram_bytes)}: train on a GPU, or use the tiny backbone")
-    return MemoryPlan(tier, params.name, resolution, peak, None, ram_bytes, False, checkpointing, False, parts)
+    return MemoryPlan(setting.tier, params.name, resolution, peak, None, ram_bytes, "cpu-fp32", checkpointing, False,
+                      {k: int(v) for k, v in parts(setting).items()}, phases, encode_seconds(setting))
 
 
 def _refusal(params: ArchParams, gpu_bytes: int, ram_bytes: int | None, resolution: int, override: str | None,
              rank: int, checkpointing: bool, mode: str) -> str:
-    """E.g. "needs ~17.0 GB at 1024 px in tier int8 (8-bit ...); this GPU has 16.0 GB - use tier nf4 or 512 px"."""
-    def peak(tier: str, res: int) -> tuple[bool, int]:
-        ok, value, _, _ = _fits(params, TIERS[tier], res, gpu_bytes, ram_bytes, rank, checkpointing, mode)
-        return ok, value
+    """E.g. "needs ~17.0 GB at 1024 px in tier fp8 (...; largest phase: train); this GPU has 16.0 GB - use tier nf4"."""
+    def fit(tiers: list[str], res: int, lora_rank: int = rank) -> _Candidate | None:
+        return _first_fit(params, tiers, res, gpu_bytes, ram_bytes, lora_rank, checkpointing, mode)
 
     asked = override or TIER_ORDER[-1]  # auto: the smallest tier is the one that came closest
-    _, need = peak(asked, resolution)
+    closest = _closest(params, asked, resolution, gpu_bytes, ram_bytes, rank, checkpointing, mode)
+    phase = max(closest.phases, key=closest.phases.get).replace("_", " ")
     what = "in" if override else "even in its smallest tier,"
-    head = (f"{params.name} needs ~{gb(need)} at {resolution} px {what} tier {asked} ({TIERS[asked].title}); "
-            f"this GPU has {gb(gpu_bytes)} (a run may use {USABLE_FRACTION:.0%} of it)")
+    head = (f"{params.name} needs ~{gb(closest.peak)} at {resolution} px {what} tier {asked} ({TIERS[asked].title}; "
+            f"largest phase: {phase}); this GPU has {gb(gpu_bytes)} (a run may use {USABLE_FRACTION:.0%} of it)")
+    if ram_bytes is not None and host_bytes(closest.setting) > ram_bytes:
+        head += f" and the text encoders need more than this machine's {gb(ram_bytes)} of RAM"
     options = []
-    for name in TIER_ORDER:  # another tier at the same size
-        ok, value = peak(name, resolution)
-        if name != asked and ok:
-            options.append(f"tier {name} (~{gb(value)})")
-            break
+    other = fit([t for t in TIER_ORDER if t != asked], resolution) if override else None
+    if other is not None:  # another tier at the same size
+        options.append(f"tier {other.setting.tier.name} (~{gb(other.peak)})")
     for res in (1024, 768, 512):  # the largest smaller size (below 512 px the models lose the style) that fits
-        if res >= resolution:
-            continue
-        fitting = [(name, value) for name in ([asked] if override else TIER_ORDER)
-                   for ok, value in [peak(name, res)] if ok]
-        if fitting:
-            name, value = fitting[0]
-            options.append(f"{res} px" + ("" if override else f" in tier {name}") + f" (~{gb(value)})")
+        smaller = fit([asked] if override else list(TIER_ORDER), res) if res < resolution else None
+        if smaller is not None:
+            options.append(f"{res} px" + ("" if override else f" in tier {smaller.setting.tier.name}")
+                           + f" (~{gb(smaller.peak)})")
             break
     if mode == "train" and rank > 8:
-        ok, value, _, _ = _fits(params, TIERS[asked], resolution, gpu_bytes, ram_bytes, 8, checkpointing, mode)
-        if ok:
-            options.append(f"LoRA rank 8 (~{gb(value)})")
+        small_rank = fit([asked], resolution, 8)
+        if small_rank is not None:
+            options.append(f"LoRA rank 8 (~{gb(small_rank.peak)})")
     if not options:
         return head + ": nothing fits this GPU; use a larger GPU or the tiny backbone"
     return head + " - use " + " or ".join(options)

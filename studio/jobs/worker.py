@@ -92,7 +92,7 @@ class WarmBackbones:
             from studio.engine.memory import plan_for
 
             plan = plan_for(backbone_id, mode="generate")
-        key = (backbone_id, precision, plan.tier.name, plan.offload_text_encoders)
+        key = (backbone_id, precision, plan.tier.name, plan.text_encoder_placement)
         if key in self.loaded:
             return self.loaded[key], 0.0
         while self.loaded and len(self.loaded) >= self.max_loaded:
@@ -102,8 +102,7 @@ class WarmBackbones:
             release_memory()
         log.info("loading backbone %s (%s, %s)", backbone_id, precision, plan.describe())
         start = time.perf_counter()
-        backbone = load_backbone(backbone_id, precision=precision, tier=plan.tier.name,
-                                 offload_text_encoders=plan.offload_text_encoders, on_download=on_download)
+        backbone = load_backbone(backbone_id, precision=precision, on_download=on_download, **plan.load_kwargs())
         backbone.clean_state = clean.capture(backbone)
         self.loads += 1
         self.loaded[key] = backbone

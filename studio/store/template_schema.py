@@ -270,7 +270,7 @@ SCHEMA: dict[str, Check] = {
     "recipe": obj(RECIPE),
     "sampler": obj(SAMPLER),
     "lora_targets": list_of(line(200), 256),
-    "memory_tier": text(8, ("bf16", "int8", "nf4")),
+    "memory_tier": text(8, ("bf16", "fp8", "int8", "nf4")),
     "steps_done": integer(0, 10**7),
     "created": timestamp,
     "references": list_of(rel_path, MAX_REFERENCES),

@@ -155,11 +155,12 @@ def resolve_allowed(backbone_id: str) -> BackboneSpec:
 
 
 def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: str = "bf16",
-                  offload_text_encoders: bool = False, on_download=None):
+                  offload_text_encoders: bool = False, on_download=None, text_encoder_placement: str | None = None):
     """Load a backbone's pipeline once; callers keep the returned object warm.
 
-    ``tier`` and ``offload_text_encoders`` come from :func:`studio.engine.memory.plan_for` (the default is
-    the unquantised model with everything on the device, as before tiers existed). A hub id is first
+    ``tier`` and ``text_encoder_placement`` come from :func:`studio.engine.memory.plan_for`
+    (``MemoryPlan.load_kwargs()``; the default is the unquantised model with everything on the device).
+    ``offload_text_encoders`` is the older spelling of the ``swap`` placement. A hub id is first
     downloaded into the Hugging Face cache by :func:`studio.engine.backbones.download.ensure_downloaded`,
     which hands its progress to ``on_download`` (a :class:`~studio.engine.backbones.download.DownloadProgress`).
     """
@@ -179,7 +180,7 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: 
 
         return FluxBackbone.load(
             "tiny", str(ensure_tiny_flux()), device=device, precision=precision, tier=tier,
-            offload_text_encoders=offload_text_encoders,
+            offload_text_encoders=offload_text_encoders, text_encoder_placement=text_encoder_placement,
             default_resolution=TINY_DEFAULT_RESOLUTION, max_sequence_length=TINY_MAX_SEQUENCE_LENGTH,
         )
     cls = FluxBackbone if spec.family == "flux" else SD3Backbone
@@ -189,6 +190,6 @@ def load_backbone(backbone_id: str, device=None, precision: str = "auto", tier: 
 
         folder = str(ensure_downloaded(spec.source, on_progress=on_download))
     backbone = cls.load(spec.backbone_id, folder, device=device, precision=precision, tier=tier,
-                        offload_text_encoders=offload_text_encoders)
+                        offload_text_encoders=offload_text_encoders, text_encoder_placement=text_encoder_placement)
     backbone.source = spec.source  # templates record the hub id as their base model, not a cache path
     return backbone

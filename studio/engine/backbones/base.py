@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from studio.engine.backbones.quantize import ENCODER_BITS, ENCODER_PLACEMENTS
+from studio.errors import InputError
+
 Cond = dict[str, torch.Tensor]  # a prompt's text conditioning, family-specific keys
+PROMPT_CACHE_BYTES = 256 * 2**20  # ~60 FLUX prompts (512 x 4096 bf16 each), ~170 SD3 ones
 
 
 @dataclass
@@ -54,6 +61,82 @@ class Sampling:
     decode: Callable[[torch.Tensor], Image.Image]
 
 
+class PromptCache:
+    """A least-recently-used store of prompt conditionings, bounded by bytes, kept in host memory.
+
+    Host memory, not the GPU: the memory plan gives the GPU's bytes to weights and activations,
+    and a hit costs one small copy (a FLUX prompt is 4 MB: well under a millisecond over PCIe).
+    """
+
+    def __init__(self, max_bytes: int = PROMPT_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple, Cond] = OrderedDict()
+        self._lock = threading.Lock()  # a worker may serve a generation from another thread
+
+    def get(self, key: tuple) -> Cond | None:
+        """The stored conditioning (marked as just used), or None."""
+        with self._lock:
+            cond = self._entries.get(key)
+            if cond is not None:
+                self._entries.move_to_end(key)
+            return cond
+
+    def put(self, key: tuple, cond: Cond) -> None:
+        """Store ``cond`` (CPU tensors), dropping the least recently used entries beyond the bound."""
+        size = sum(t.numel() * t.element_size() for t in cond.values())
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            old = self._entries.pop(key, None)
+            self.bytes -= _cond_bytes(old) if old is not None else 0
+            self._entries[key] = cond
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                self.bytes -= _cond_bytes(dropped)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _cond_bytes(cond: Cond) -> int:
+    return sum(t.numel() * t.element_size() for t in cond.values())
+
+
+def resolve_placement(requested: str | None, offload_text_encoders: bool, device: torch.device,
+                      dtype: torch.dtype) -> str:
+    """The text-encoder placement a load applies (see :mod:`studio.engine.memory_phases`).
+
+    Without one, ``offload_text_encoders`` (the older flag) means ``swap``. On a CPU the encoders
+    always compute in fp32 (bf16 matmuls are ~9x slower there): the placement is ``cpu-fp32``, except
+    that an fp32 run keeps one asked for by name (tests load quanto-quantised T5 and the swap path).
+    """
+    name = requested or ("swap" if offload_text_encoders else "gpu")
+    if name not in ENCODER_PLACEMENTS:
+        raise InputError(f"unknown text-encoder placement {name!r}; choose one of {', '.join(ENCODER_PLACEMENTS)}")
+    if device.type == "cpu" and (requested is None or dtype != torch.float32):
+        return "cpu-fp32"
+    return name
+
+
+def encoder_devices(placement: str, device: torch.device) -> tuple[torch.device, torch.device]:
+    """(where the text encoders rest, where they compute) for a placement on the backbone's ``device``.
+
+    Only ``swap`` rests apart from where it computes: it is moved in for each encode and out again.
+    (``gpu`` rests on the GPU but sits on the CPU while a training runs; :meth:`Backbone.offload_encoders`.)
+    """
+    cpu = torch.device("cpu")
+    if device.type == "cpu" or placement == "cpu-fp32":
+        return cpu, cpu
+    return (cpu if placement == "swap" else device), device
+
+
 def decoder_device(pipe) -> torch.device:
     """Where the VAE decoder runs (the encoder may be offloaded to the CPU meanwhile)."""
     return next(pipe.vae.decoder.parameters()).device
@@ -92,9 +175,11 @@ class Backbone(ABC):
     default_steps: int = 28  # paper: 28 denoising steps at inference
     default_guidance: float = 7.0  # paper: guidance 7.0 at inference
     max_sequence_length: int = 512
-    tier: str = "bf16"  # how the base weights are stored (studio.engine.memory chooses it): bf16 | int8 | nf4
+    tier: str = "bf16"  # how the base weights are stored (studio.engine.memory chooses it): bf16 | fp8 | int8 | nf4
     quant_backend: str | None = None  # "bitsandbytes" | "quanto" for the quantised tiers
-    text_encoders_on_cpu: bool = False  # loaded with offload_text_encoders: they encode on the CPU
+    t5_component: str = ""  # the pipeline component holding T5 (what gpu-8bit / gpu-4bit quantise)
+    # Where the text encoders live and compute (studio.engine.memory_phases.PLACEMENTS); Backbone.load sets it.
+    text_encoder_placement: str = "gpu"
 
     def __init__(self, backbone_id: str, source: str, pipe, device: torch.device, dtype: torch.dtype):
         self.backbone_id = backbone_id
@@ -102,39 +187,45 @@ class Backbone(ABC):
         self.pipe = pipe
         self.device = device
         self.dtype = dtype
+        self.prompt_cache = PromptCache()
 
     @classmethod
     def load(cls, backbone_id: str, source: str, device: torch.device | None = None,
              precision: str = "auto", tier: str = "bf16", offload_text_encoders: bool = False,
-             **settings) -> Backbone:
+             text_encoder_placement: str | None = None, **settings) -> Backbone:
         """Load the pipeline from a local folder or hub id with ``from_pretrained``.
 
         ``tier`` (see :mod:`studio.engine.memory`) stores the transformer's weights in 8 or 4 bits through
-        diffusers' quantisation backends; ``offload_text_encoders`` keeps the text encoders on the
-        CPU, where they encode prompts, so they never take GPU memory.
+        diffusers' quantisation backends; ``text_encoder_placement`` says where the text encoders live
+        and compute (:func:`resolve_placement`; ``offload_text_encoders`` is the older spelling of ``swap``).
         """
         device = device or default_device()
         dtype = default_dtype(device, precision)
+        placement = resolve_placement(text_encoder_placement, offload_text_encoders, device, dtype)
         kwargs, backend = {}, None
-        if tier != "bf16":
+        t5 = (cls.t5_component, ENCODER_BITS[placement]) if placement in ENCODER_BITS else None
+        if tier != "bf16" or t5 is not None:
             from studio.engine.backbones.quantize import pipeline_quantization_config
 
-            kwargs["quantization_config"], backend = pipeline_quantization_config(tier, device, dtype)
+            config, backend = pipeline_quantization_config(tier, device, dtype, text_encoder=t5)
+            kwargs["quantization_config"] = config
         pipe = cls.pipeline_class.from_pretrained(source, torch_dtype=dtype, **kwargs)
-        if backend is None and not offload_text_encoders:
-            pipe.to(device)
-        else:  # module by module: text encoders may stay behind; quantised weights may be in place already
-            for name, module in pipe.components.items():
-                if not isinstance(module, torch.nn.Module) or (offload_text_encoders and name.startswith("text_")):
-                    continue
-                if not same_device(next(module.parameters()).device, device):
-                    module.to(device)
+        _place_components(pipe, device, placement)
         pipe.set_progress_bar_config(disable=True)
         backbone = cls(backbone_id, source, pipe, device, dtype)
-        backbone.tier, backbone.quant_backend, backbone.text_encoders_on_cpu = tier, backend, offload_text_encoders
+        backbone.tier, backbone.quant_backend, backbone.text_encoder_placement = tier, backend, placement
         for key, value in settings.items():
             setattr(backbone, key, value)
         return backbone
+
+    @property
+    def text_encoders_on_cpu(self) -> bool:
+        """Whether the text encoders rest in host memory apart from the GPU (``swap``, ``cpu-fp32``)."""
+        return self.device.type != "cpu" and self.encoder_homes()[0].type == "cpu"
+
+    def encoder_homes(self) -> tuple[torch.device, torch.device]:
+        """(where the text encoders rest, where they compute): :func:`encoder_devices` of the placement."""
+        return encoder_devices(self.text_encoder_placement, self.device)
 
     @property
     def transformer(self) -> torch.nn.Module:
@@ -156,11 +247,56 @@ class Backbone(ABC):
         return next(self.pipe.text_encoder.parameters()).device
 
     def to_device(self, cond: Cond) -> Cond:
-        return {k: v.to(self.device) for k, v in cond.items()}
+        """A conditioning on the backbone's device, floating tensors in its dtype (fp32 encoders give fp32)."""
+        return {k: v.to(self.device, self.dtype if v.is_floating_point() else v.dtype, copy=True)
+                for k, v in cond.items()}
+
+    def prompt_key(self, prompt: str) -> tuple:
+        """What a cached conditioning depends on besides the weights of this backbone's encoders."""
+        return (self.source, self.max_sequence_length, prompt)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> list[Cond]:
+        """Text conditioning for each prompt (batch 1 each), on the backbone's device.
+
+        Conditionings come from :attr:`prompt_cache` when they can; only the misses reach the text
+        encoders, which are moved to where they compute for them and back to where they rest
+        (:meth:`encoders_for_encoding`), so callers never move encoders to encode.
+        """
+        found = {p: self.prompt_cache.get(self.prompt_key(p)) for p in dict.fromkeys(prompts)}
+        misses = [p for p, cond in found.items() if cond is None]
+        if misses:
+            with self.encoders_for_encoding() as device:
+                for prompt in misses:
+                    cond = {k: v.to("cpu", self.dtype if v.is_floating_point() else v.dtype)
+                            for k, v in self.encode_prompt(prompt, device).items()}
+                    self.prompt_cache.put(self.prompt_key(prompt), cond)
+                    found[prompt] = cond
+        return [self.to_device(found[p]) for p in prompts]
 
     @abstractmethod
-    def encode_prompts(self, prompts: list[str]) -> list[Cond]:
-        """Text conditioning for each prompt (batch 1 each), on the backbone's device."""
+    def encode_prompt(self, prompt: str, device: torch.device) -> Cond:
+        """One prompt's conditioning from the text encoders, which are on ``device`` (the family's code)."""
+
+    @contextmanager
+    def encoders_for_encoding(self) -> Iterator[torch.device]:
+        """The text encoders on the device where they compute, for the block; then back where they were.
+
+        ``swap`` rests on the CPU and computes on the GPU; ``gpu`` does too while a training has them
+        offloaded. Quantised encoders never move (they stay put by design). Yields the compute device.
+        """
+        target = self.encoder_homes()[1]
+        modules = {} if self.text_encoder_placement in ENCODER_BITS else self.offload_modules()
+        moved = {n: d for n, m in modules.items() if not same_device(d := _module_device(m), target)}
+        for name in moved:
+            modules[name].to(target)
+        try:
+            yield target if modules else self.encoder_device()
+        finally:
+            for name, home in moved.items():
+                modules[name].to(home)
+            if moved and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the encoders' blocks go back to training and sampling
 
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image]) -> list[LatentDist]:
@@ -287,27 +423,54 @@ class Backbone(ABC):
     def offload_encoders(self, to: torch.device | str = "cpu") -> None:
         """Move :meth:`offload_modules` off the backbone's device (to the CPU) while training runs.
 
-        ``to`` exists for tests: on a CPU-only machine ``"meta"`` stands in for "somewhere the
-        sampler must not touch".
+        Quantised encoders (``gpu-8bit`` / ``gpu-4bit``) stay: the memory plan counts them in every
+        phase. Encoders resting on the CPU are there already. A later :meth:`encode_prompts` moves
+        them in for its encode and out again. ``to`` exists for tests: on a CPU-only machine
+        ``"meta"`` stands in for "somewhere the sampler must not touch".
         """
-        if same_device(self.device, to):
+        if same_device(self.device, to) or self.text_encoder_placement in ENCODER_BITS:
             return
+        moved = False
         for module in self.offload_modules().values():
-            module.to(to)
-        if torch.cuda.is_available():
+            if not same_device(_module_device(module), to):
+                module.to(to)
+                moved = True
+        if moved and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def restore_encoders(self) -> None:
-        """Bring everything back onto the backbone's device (for generation with raw prompts).
+        """Bring every component back where it rests (for generation with raw prompts).
 
-        Text encoders loaded to stay on the CPU (``offload_text_encoders``) stay there.
+        The transformer and VAE rest on the backbone's device, the text encoders where their
+        placement puts them (the CPU for ``swap`` and ``cpu-fp32``).
         """
         if self.device.type == "cpu":
             return
-        if not self.text_encoders_on_cpu and not self.quant_backend:
-            self.pipe.to(self.device)
-            return
+        home = self.encoder_homes()[0]
         for name, module in self.pipe.components.items():
-            if isinstance(module, torch.nn.Module) and not (self.text_encoders_on_cpu and name.startswith("text_")):
-                if not same_device(next(module.parameters()).device, self.device):
-                    module.to(self.device)
+            if isinstance(module, torch.nn.Module):
+                where = home if name in self.offload_modules() else self.device
+                if not same_device(_module_device(module), where):
+                    module.to(where)
+
+
+def _module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _place_components(pipe, device: torch.device, placement: str) -> None:
+    """Put a freshly loaded pipeline's modules where ``placement`` wants them.
+
+    Text encoders resting on the CPU stay there (``cpu-fp32`` ones in fp32); everything else goes
+    to ``device``, except modules a quantiser already put there (bitsandbytes ones cannot move).
+    """
+    home = encoder_devices(placement, device)[0]
+    for name, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        encoder = name.startswith("text_encoder")
+        if encoder and placement == "cpu-fp32":
+            module.to(torch.float32)
+        where = home if encoder else device
+        if not same_device(_module_device(module), where):
+            module.to(where)

@@ -29,18 +29,14 @@ class FluxBackbone(Backbone):
     pipeline_class = FluxPipeline
     lora_targets = FLUX_LORA_TARGETS
     max_sequence_length = 512
+    t5_component = "text_encoder_2"
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> list[Cond]:
-        conds = []
-        for prompt in prompts:
-            embeds, pooled, text_ids = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, device=self.encoder_device(),
-                max_sequence_length=self.max_sequence_length,
-            )
-            conds.append(self.to_device({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled,
-                                         "text_ids": text_ids}))
-        return conds
+    def encode_prompt(self, prompt: str, device: torch.device) -> Cond:
+        """CLIP-L's pooled embedding and T5's token embeddings (Backbone.encode_prompts caches and places them)."""
+        embeds, pooled, text_ids = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, device=device, max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "text_ids": text_ids}
 
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                          guidance: float = 1.0) -> torch.Tensor:

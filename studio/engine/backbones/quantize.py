@@ -1,15 +1,25 @@
-"""Quantised base weights for the 8-bit and 4-bit memory tiers: which backend, and diffusers' config.
+"""Quantised weights for the memory tiers and text-encoder placements: which backend, and diffusers' config.
 
-bitsandbytes (NF4 / LLM.int8 CUDA kernels) on GPUs, optimum-quanto elsewhere. The tier itself is
-chosen by :mod:`studio.engine.memory`; this module only turns a chosen tier into loading arguments.
+bitsandbytes (NF4 / LLM.int8 CUDA kernels) on GPUs, optimum-quanto elsewhere and for the ``fp8``
+tier (float8 storage, bf16 compute: bitsandbytes has no float8). The tier and the placement are
+chosen by :mod:`studio.engine.memory`; this module only turns them into loading arguments.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 from studio.errors import InputError
+
+# Where the text encoders live and compute (studio.engine.memory_phases describes each; Backbone.load applies it).
+ENCODER_PLACEMENTS = ("gpu", "swap", "gpu-8bit", "gpu-4bit", "cpu-fp32")
+ENCODER_BITS = {"gpu-8bit": 8, "gpu-4bit": 4}  # the placements that quantise T5 (the CLIPs stay as they are)
+# quanto's float8 scale of an all-zero weight row is 0, and its dequantised weights become NaN; the
+# time / guidance / pooled-text embedders are such layers in freshly initialised models (the tiny one's
+# guidance embedder), and are tiny anyway (~40M weights in FLUX.1-dev), so fp8 leaves them unquantised.
+FP8_KEEP = ["linear_1", "linear_2"]
 
 
 def available_backends() -> list[str]:
@@ -43,26 +53,64 @@ def quantization_backend(device) -> str:
     raise InputError(f"the 8-bit and 4-bit tiers need a quantisation backend: {need}")
 
 
-def pipeline_quantization_config(tier: str, device, compute_dtype):
-    """diffusers' ``PipelineQuantizationConfig`` that quantises the transformer for ``tier``; and its backend.
+def tier_backend(tier: str, device) -> str:
+    """The backend that stores a quantised tier: quanto for ``fp8`` (float8 weights), else the device's."""
+    if tier != "fp8":
+        return quantization_backend(device)
+    if "quanto" not in available_backends():
+        raise InputError("the fp8 tier (float8 base weights) needs optimum-quanto: `pip install optimum-quanto`; "
+                         "or choose tier nf4 or int8")
+    return "quanto"
 
-    Only the transformer is quantised: the LoRA trains on it, and the text encoders run once per job.
-    """
-    from diffusers import PipelineQuantizationConfig
 
-    backend = quantization_backend(device)
+def transformer_config(tier: str, backend: str, compute_dtype):
+    """diffusers' quantisation config of the transformer for ``tier`` with ``backend``."""
     if backend == "bitsandbytes":
         from diffusers import BitsAndBytesConfig
 
-        config = (BitsAndBytesConfig(load_in_8bit=True) if tier == "int8" else
-                  BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                     bnb_4bit_compute_dtype=compute_dtype))
-    else:
-        import warnings
+        if tier == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    from diffusers import QuantoConfig
 
-        from diffusers import QuantoConfig
+    weights = {"fp8": "float8", "int8": "int8", "nf4": "int4"}[tier]
+    keep = FP8_KEEP if tier == "fp8" else None
+    with warnings.catch_warnings():  # diffusers marks quanto deprecated for 1.0; it is what runs on CPUs
+        warnings.simplefilter("ignore", FutureWarning)
+        return QuantoConfig(weights_dtype=weights, modules_to_not_convert=keep)
 
-        with warnings.catch_warnings():  # diffusers marks quanto deprecated for 1.0; it is what runs on CPUs
-            warnings.simplefilter("ignore", FutureWarning)
-            config = QuantoConfig(weights_dtype="int8" if tier == "int8" else "int4")
-    return PipelineQuantizationConfig(quant_mapping={"transformer": config}), backend
+
+def text_encoder_config(bits: int, backend: str, compute_dtype):
+    """transformers' quantisation config of a T5 encoder in ``bits`` (8: LLM.int8 / quanto int8; 4: NF4 / int4)."""
+    if backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+
+        if bits == 8:
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    from transformers import QuantoConfig
+
+    return QuantoConfig(weights="int8" if bits == 8 else "int4")
+
+
+def pipeline_quantization_config(tier: str, device, compute_dtype, text_encoder: tuple[str, int] | None = None):
+    """diffusers' ``PipelineQuantizationConfig`` for ``tier`` (and a T5 placement), and the transformer's backend.
+
+    ``text_encoder`` is ``(pipeline component, bits)`` for the ``gpu-8bit`` / ``gpu-4bit`` placements:
+    that T5 encoder is quantised with the tier's backend (the device's for the bf16 tier). Returns
+    ``(None, None)`` when nothing is quantised.
+    """
+    mapping, backend = {}, None
+    if tier != "bf16":
+        backend = tier_backend(tier, device)
+        mapping["transformer"] = transformer_config(tier, backend, compute_dtype)
+    if text_encoder is not None:
+        component, bits = text_encoder
+        mapping[component] = text_encoder_config(bits, backend or quantization_backend(device), compute_dtype)
+    if not mapping:
+        return None, None
+    from diffusers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(quant_mapping=mapping), backend

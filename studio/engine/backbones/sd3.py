@@ -28,17 +28,15 @@ class SD3Backbone(Backbone):
     pipeline_class = StableDiffusion3Pipeline
     lora_targets = SD3_LORA_TARGETS
     max_sequence_length = 256
+    t5_component = "text_encoder_3"
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> list[Cond]:
-        conds = []
-        for prompt in prompts:
-            embeds, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, prompt_3=None, device=self.encoder_device(),
-                do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
-            )
-            conds.append(self.to_device({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}))
-        return conds
+    def encode_prompt(self, prompt: str, device: torch.device) -> Cond:
+        """CLIP-L + CLIP-G + T5 embeddings (Backbone.encode_prompts caches and places them)."""
+        embeds, _, pooled, _ = self.pipe.encode_prompt(
+            prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+            do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length,
+        )
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     def predict_velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond,
                          guidance: float = 1.0) -> torch.Tensor:
