@@ -182,7 +182,8 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     plan = plan_training(spec.backbone_id, recipe)  # refuses a run that would not fit, before loading
     print(f"memory: {plan.describe()}", file=sys.stderr)
     print(f"loading backbone {spec.backbone_id} ...", file=sys.stderr)
-    backbone = load_backbone(spec.backbone_id, precision=recipe.precision, **plan.load_kwargs())
+    backbone = load_backbone(spec.backbone_id, precision=recipe.precision, on_download=show_download,
+                             **plan.load_kwargs())
     if spec.is_tiny:
         print("note: 'tiny' is a small random-weight demo model; use --backbone flux-dev on a GPU "
               "for real styles", file=sys.stderr)
@@ -190,10 +191,15 @@ def cmd_train(args: argparse.Namespace, store) -> int:
                 backbone.family, backbone.default_resolution)
     print(f"run folder: {run_dir}", file=sys.stderr)
     with TqdmObserver(recipe.steps) as observer:
-        result = train(backbone, run_dir, observer)
+        result = train(backbone, run_dir, observer, micro_batch=plan.micro_batch)
     info = publish(store, result, name)
     print(info.path)
     return 0
+
+
+def show_download(progress) -> None:
+    """A first model download, on one line of the terminal that keeps being rewritten."""
+    print("\r" + progress.describe(), end="\n" if progress.finished else "", file=sys.stderr, flush=True)
 
 
 def publish(store, result: Path, name: str):
@@ -222,7 +228,7 @@ def cmd_generate(args: argparse.Namespace, store) -> int:
     backbone_id = args.backbone or (template.backbone if template else "tiny")
     output_size(options, resolve(backbone_id).default_resolution, template.meta if template else None)
     out = writable_dir(args.out)
-    backbone = load_backbone(backbone_id)
+    backbone = load_backbone(backbone_id, on_download=show_download)
     files = generate(backbone, options, out,
                      (template.path, template.meta) if template else None,
                      stem=template.id if template else "base", mix=mix)
@@ -280,7 +286,8 @@ def cmd_refine(args: argparse.Namespace, store) -> int:
     memory = plan_training(spec.backbone_id, plan.recipe)
     print(f"memory: {memory.describe()}", file=sys.stderr)
     print(f"loading backbone {spec.backbone_id} ...", file=sys.stderr)
-    backbone = load_backbone(spec.backbone_id, precision=plan.recipe.precision, **memory.load_kwargs())
+    backbone = load_backbone(spec.backbone_id, precision=plan.recipe.precision, on_download=show_download,
+                             **memory.load_kwargs())
     run_dir = Path(args.run_dir) if args.run_dir else new_run_dir("refine")
     print(f"run folder: {run_dir}", file=sys.stderr)
     if plan.request is not None:
@@ -295,7 +302,7 @@ def cmd_refine(args: argparse.Namespace, store) -> int:
             print(f"CLIP picked {entry['source']} ({entry['prompt']}): style {entry['style']:.3f} x text "
                   f"{entry['text']:.3f} = {entry['score']:.4f}", file=sys.stderr)
     with TqdmObserver(plan.recipe.steps) as observer:
-        result = train(backbone, run_dir, observer)
+        result = train(backbone, run_dir, observer, micro_batch=memory.micro_batch)
     info = publish(store, result, plan.name)
     print(info.path)
     return 0

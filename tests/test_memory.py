@@ -224,3 +224,21 @@ def test_cli_refuses_a_run_that_does_not_fit_before_loading_anything(tmp_path, m
     err = capsys.readouterr().err
     assert code == 2 and "this GPU has 0.5 GB" in err and "nothing fits" in err
     assert not (tmp_path / "runs").exists() and not list((tmp_path / "store").glob("*/template.json"))
+
+
+def test_the_plan_batches_an_optimiser_step_where_memory_allows():
+    """The 4 samples of a step go through the model together when their activations fit (same gradient)."""
+    import dataclasses
+
+    from studio.engine.memory_phases import Setting, phase_peaks
+
+    for card, res in ((80, 512), (80, 1024), (40, 512), (24, 512), (16, 1024), (12, 512)):
+        plan = M.choose_tier(card * GB, 64 * GB, "flux-dev", res)
+        setting = Setting(M.arch_params("flux-dev"), plan.tier, plan.placement, res)
+        fits = [b for b in range(1, 5)
+                if phase_peaks(dataclasses.replace(setting, micro_batch=b))["train"] <= card * GB * M.USABLE_FRACTION]
+        assert plan.micro_batch == max(fits), (card, res, plan.micro_batch, fits)
+        assert plan.to_dict()["micro_batch"] == plan.micro_batch
+    assert M.choose_tier(80 * GB, 64 * GB, "flux-dev", 512).micro_batch == 4
+    assert M.choose_tier(80 * GB, 64 * GB, "flux-dev", 512, grad_accum=2).micro_batch == 2
+    assert M.choose_tier(80 * GB, 64 * GB, "flux-dev", 512, mode="generate").micro_batch == 1

@@ -234,3 +234,19 @@ def test_compiled_blocks_train_and_are_undone_after_the_job(tiny_backbone, tmp_p
     assert (result / "lora.safetensors").exists()
     assert len(compiled) == len(clean.transformer_blocks(tiny_backbone.transformer)) > 0
     assert clean.problems(tiny_backbone, state) == []
+
+
+def test_precision_follows_what_the_gpu_computes_in(monkeypatch):
+    """bf16 needs compute capability 8.0 (Ampere) or newer; older cards get fp16 (with the loss scaler)."""
+    from studio.engine.backbones.base import default_dtype
+    from studio.errors import InputError
+
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))  # RTX 30xx
+    assert default_dtype(gpu) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4, RTX 20xx
+    assert default_dtype(gpu) == torch.float16
+    assert default_dtype(gpu, "fp32") == torch.float32
+    with pytest.raises(InputError, match="no bf16"):
+        default_dtype(gpu, "bf16")
+    assert default_dtype(torch.device("cpu")) == torch.float32

@@ -59,6 +59,7 @@ The GPU benchmark (benchmarks/bench_train.py) prints this estimate beside the me
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -303,6 +304,7 @@ class MemoryPlan:
     parts: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)  # phase -> predicted peak bytes
     encode_seconds: float | None = None  # estimated CPU seconds per new prompt (cpu-fp32 only)
+    micro_batch: int = 1  # samples per training forward pass that fit (train() takes it unless the recipe says)
 
     @property
     def placement(self) -> Placement:
@@ -328,6 +330,8 @@ class MemoryPlan:
                     "text encoders in fp32")
         levers = [self.placement.title + self._encode_note()]
         levers.append("gradient checkpointing" if self.gradient_checkpointing else "no gradient checkpointing")
+        if self.micro_batch > 1:
+            levers.append(f"{self.micro_batch} samples per forward pass")
         phases = ", ".join(f"{name.replace('_', ' ')} {v / GB:.1f}" for name, v in self.phase_peaks.items())
         return (f"tier {self.tier.name} ({self.tier.title}), expected peak ~{gb(self.peak_bytes)} of "
                 f"{gb(self.device_bytes or 0)} at {self.resolution} px; " + ", ".join(levers)
@@ -343,7 +347,8 @@ class MemoryPlan:
         return {"tier": self.tier.name, "expected_peak_bytes": self.peak_bytes, "device_bytes": self.device_bytes,
                 "resolution": self.resolution, "text_encoder_placement": self.text_encoder_placement,
                 "offload_text_encoders": self.offload_text_encoders, "phase_peaks": dict(self.phase_peaks),
-                "encode_seconds_estimate": self.encode_seconds, "gradient_checkpointing": self.gradient_checkpointing}
+                "encode_seconds_estimate": self.encode_seconds, "gradient_checkpointing": self.gradient_checkpointing,
+                "micro_batch": self.micro_batch}
 
 
 def gb(n: int) -> str:
@@ -397,8 +402,10 @@ def _closest(params: ArchParams, tier: str, resolution: int, gpu_bytes: int, ram
 
 def choose_tier(gpu_bytes: int | None, ram_bytes: int | None, arch: str | ArchParams, resolution: int,
                 override: str | None = None, *, rank: int = 32, checkpointing: bool | None = None,
-                mode: str = "train") -> MemoryPlan:
+                mode: str = "train", grad_accum: int = 4) -> MemoryPlan:
     """The memory plan for a run of ``arch`` at ``resolution`` on a GPU with ``gpu_bytes`` (None: no GPU).
+
+    ``grad_accum`` (the recipe's samples per optimiser step) sets the largest micro-batch tried.
 
     ``override`` (``bf16`` / ``fp8`` / ``int8`` / ``nf4``; None or ``auto`` to choose) forces a tier.
     Every phase of the job (:func:`~studio.engine.memory_phases.job_phases`) must fit. Raises
@@ -418,8 +425,24 @@ def choose_tier(gpu_bytes: int | None, ram_bytes: int | None, arch: str | ArchPa
         raise InsufficientMemoryError(_refusal(params, gpu_bytes, ram_bytes, resolution, override, rank,
                                                checkpointing, mode))
     s = found.setting
+    batch = largest_micro_batch(s, gpu_bytes, grad_accum) if mode == "train" else 1
     return MemoryPlan(s.tier, params.name, resolution, found.peak, gpu_bytes, ram_bytes, s.placement.name,
-                      checkpointing, True, {k: int(v) for k, v in parts(s).items()}, found.phases, encode_seconds(s))
+                      checkpointing, True, {k: int(v) for k, v in parts(s).items()}, found.phases, encode_seconds(s),
+                      batch)
+
+
+def largest_micro_batch(s: Setting, gpu_bytes: int, grad_accum: int) -> int:
+    """How many of an optimiser step's ``grad_accum`` samples can go through the model at once.
+
+    Batching them gives the same gradient as accumulating them one by one and keeps the GPU far
+    busier at 512 px; it only costs activation memory, so the train phase is checked with each
+    batch size from the whole step down to 1 (which the plan has already shown to fit).
+    """
+    for batch in range(max(1, grad_accum), 1, -1):
+        peak = phase_peaks(dataclasses.replace(s, micro_batch=batch), "train")["train"]
+        if peak <= gpu_bytes * USABLE_FRACTION:
+            return batch
+    return 1
 
 
 def _cpu_plan(params: ArchParams, ram_bytes: int | None, resolution: int, override: str | None, rank: int,
@@ -496,19 +519,21 @@ def requested_tier(recipe_tier: str | None) -> str:
 
 
 def plan_for(backbone_id: str, *, tier: str | None = "auto", resolution: int | None = None, rank: int = 32,
-             checkpointing: bool | None = None, mode: str = "train", device=None) -> MemoryPlan:
+             checkpointing: bool | None = None, mode: str = "train", device=None, grad_accum: int = 4) -> MemoryPlan:
     """The memory plan for a backbone on this machine (detected GPU memory and RAM)."""
     from studio.engine.backbones import resolve
 
     spec = resolve(backbone_id)
     gpu, ram = detect_memory(device)
     return choose_tier(gpu, ram, arch_for_backbone(spec.backbone_id), resolution or spec.default_resolution,
-                       requested_tier(tier), rank=rank, checkpointing=checkpointing, mode=mode)
+                       requested_tier(tier), rank=rank, checkpointing=checkpointing, mode=mode,
+                       grad_accum=grad_accum)
 
 
 def plan_training(backbone_id: str, recipe, device=None) -> MemoryPlan:
     """:func:`plan_for` with a :class:`~studio.engine.recipe.Recipe` (or its dict)."""
     data = recipe if isinstance(recipe, dict) else recipe.to_dict()
     return plan_for(backbone_id, tier=data.get("tier"), resolution=data.get("resolution"),
-                    rank=int(data.get("rank") or 32), checkpointing=data.get("gradient_checkpointing"), device=device)
+                    rank=int(data.get("rank") or 32), checkpointing=data.get("gradient_checkpointing"), device=device,
+                    grad_accum=int(data.get("grad_accum") or 4))
 

@@ -136,6 +136,7 @@ class Setting:
     rank: int = 32
     checkpointing: bool = True
     on_gpu: bool = True  # False: one memory (the host's) holds everything, in fp32
+    micro_batch: int = 1  # samples of an optimiser step in one forward pass (the same gradient as accumulating)
 
     @property
     def precision_bytes(self) -> int:
@@ -189,12 +190,12 @@ def template_lora_bytes(s: Setting) -> float:
 
 
 def activation_bytes(s: Setting) -> float:
-    """Activations kept by one training micro-step (batch 1)."""
+    """Activations kept by one training forward pass of ``micro_batch`` samples (they grow with the batch)."""
     a, p = s.arch, s.precision_bytes
     per_block = ACT_BYTES[a.family] * tokens(s) * a.hidden * p / 2
     if s.checkpointing:  # each block keeps its input; one block at a time is recomputed
-        return a.blocks * tokens(s) * a.hidden * p + per_block
-    return a.blocks * per_block
+        return s.micro_batch * (a.blocks * tokens(s) * a.hidden * p + per_block)
+    return s.micro_batch * a.blocks * per_block
 
 
 def inference_bytes(s: Setting) -> float:

@@ -132,8 +132,12 @@ def prepare_run(request: TrainRequest, run_dir: Path, backbone_id: str, family: 
     write_json(run_dir / "request.json", data)
 
 
-def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -> Path:
+def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None, micro_batch: int | None = None,
+          ) -> Path:
     """Run (or resume) the training described by ``run_dir/request.json``.
+
+    ``micro_batch``: samples per forward pass the memory plan allows on a GPU
+    (:attr:`studio.engine.memory.MemoryPlan.micro_batch`); the recipe's own ``micro_batch`` wins.
 
     Returns ``run_dir/result``: a complete template folder ready for the store.
     Raises :class:`CancelledError` if the observer asks to stop (the last checkpoint stays).
@@ -143,7 +147,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
     recipe = Recipe.from_dict(request["recipe"])
     sampler = recipe.noise_sampler(backbone.family)
     try:
-        return _train(backbone, run_dir, observer, request, recipe, sampler)
+        return _train(backbone, run_dir, observer, request, recipe, sampler, micro_batch)
     except BaseException as exc:
         # The frames of a failed step hold the optimiser, the gradients and the activations; free
         # them before the text encoders come back below, or both would be on the GPU at once.
@@ -164,7 +168,7 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None) -
 
 
 def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict, recipe: Recipe,
-           sampler: snr.NoiseSampler) -> Path:
+           sampler: snr.NoiseSampler, planned_batch: int | None = None) -> Path:
     """The body of :func:`train`; the caller restores the model whatever happens here."""
     transformer = backbone.transformer
 
@@ -199,7 +203,7 @@ def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict,
     # fp16 (cards without bf16) overflows where bf16 does not: scale the loss, and skip a step whose
     # gradients overflowed. The LoRA weights are fp32, so unscaling is exact. Off for bf16 / fp32.
     scaler = torch.amp.GradScaler(backbone.device.type, enabled=backbone.dtype == torch.float16)
-    micro_batch = micro_batch_size(recipe, backbone)
+    micro_batch = micro_batch_size(recipe, backbone, planned_batch)
 
     start = load_checkpoint(run_dir, transformer, optimizer)
     metrics_path = run_dir / "metrics.jsonl"
@@ -336,14 +340,14 @@ def micro_batches(indices: list[int], latents: list[LatentDist], size: int) -> l
     return chunks
 
 
-def micro_batch_size(recipe: Recipe, backbone: Backbone) -> int:
-    """Samples per forward pass: the recipe's ``micro_batch``, or by default the whole step's on a CPU
-    and one at a time (the paper's accumulation) on a GPU unless the memory plan allows more."""
+def micro_batch_size(recipe: Recipe, backbone: Backbone, planned: int | None = None) -> int:
+    """Samples per forward pass: the recipe's ``micro_batch``; else on a GPU what the memory plan allows
+    (one at a time, the paper's accumulation, without a plan), and on a CPU the whole step."""
     if recipe.micro_batch is not None:
         return min(recipe.micro_batch, recipe.grad_accum)
     if backbone.device.type != "cuda":
         return recipe.grad_accum
-    return max(1, min(recipe.grad_accum, int(getattr(backbone, "train_micro_batch", 1) or 1)))
+    return max(1, min(recipe.grad_accum, planned or 1))
 
 
 def compile_blocks(transformer: torch.nn.Module) -> None:

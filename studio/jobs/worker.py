@@ -350,7 +350,7 @@ class Worker:
                 self._pick_for_refine(record, token, backbone)
             observer = JobObserver(self, record, token, backbone, started)
             try:
-                train(backbone, run_dir, observer)
+                train(backbone, run_dir, observer, micro_batch=plan.micro_batch)
             except CancelledError as exc:
                 raise StopJob(observer.stop_reason or "cancel", str(exc)) from None
             except Exception:

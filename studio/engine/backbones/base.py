@@ -154,11 +154,27 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """bf16 on GPUs (the paper's precision), fp32 on the CPU."""
+    """The paper's bf16 on GPUs that compute in it; fp16 on those that do not (T4, V100, RTX 20xx:
+    the trainer then scales the loss); fp32 on the CPU. An explicit bf16 on such a GPU is refused."""
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    on_gpu = device.type == "cuda"
+    if precision == "bf16" and on_gpu and not bf16_supported(device):
+        from studio.errors import InputError
+
+        raise InputError("this GPU has no bf16 arithmetic (it needs an Ampere card or newer); "
+                         "choose precision auto (fp16 with loss scaling) or fp32")
     if precision != "auto":
         return table[precision]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not on_gpu:
+        return torch.float32
+    return torch.bfloat16 if bf16_supported(device) else torch.float16
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether the GPU computes in bf16 natively (compute capability 8.0 and up). PyTorch's
+    ``is_bf16_supported()`` also says yes for older cards, where bf16 is emulated and slow."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return major >= 8
 
 
 class Backbone(ABC):
