@@ -307,6 +307,9 @@ def test_ctrl_c_stops_the_app_and_its_worker(app):
 
     status = next((app.root / "runs" / ".workers").glob("*.json"))
     worker_pid = json.loads(status.read_text())["pid"]
+    deadline = time.monotonic() + 120  # idle first: a busy worker finishes its step (tests/test_worker.py)
+    while json.loads(status.read_text())["state"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.3)
     started = time.monotonic()
     app.stop()
     assert app.proc.returncode is not None and time.monotonic() - started < 40
