@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sqlite3
 import sys
 
@@ -74,8 +75,22 @@ def internal_paths(jobs) -> list[str]:
     return [str(p) for p in (*files, jobs.runs_dir / ".workers")]
 
 
+def stop_on_signals() -> None:
+    """Ctrl-C and SIGTERM (``docker stop``, systemd) both stop the studio cleanly, its worker included.
+
+    Also when the studio was started with SIGINT ignored (a shell script's background job): Python
+    then installs no Ctrl-C handler of its own, and the app would ignore Ctrl-C for good.
+    """
+    def stop(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_signals()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.data:
         os.environ["STUDIO_DATA"] = args.data
@@ -138,8 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
+        log.info("the web server has stopped")
         if supervisor is not None:
+            log.info("stopping the worker")
             supervisor.stop()
+        log.info("stopped")
     return 0
 
 

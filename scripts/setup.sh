@@ -13,7 +13,9 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH
 # pip otherwise, or with STUDIO_PIP=1. torch is installed by then, so neither replaces it.
 install() { python -m pip install -q "$@"; }
 if [ -z "${STUDIO_PIP:-}" ] && python -m pip install -q uv >/dev/null 2>&1; then
-  install() { python -m uv pip install -q --python "$(command -v python)" "$@" || python -m pip install -q "$@"; }
+  # --compile-bytecode: as pip does; without it every process of the first run compiles the libraries again
+  install() { python -m uv pip install -q --compile-bytecode --python "$(command -v python)" "$@" ||
+                python -m pip install -q "$@"; }
 fi
 install -r requirements.txt
 # The 4-bit NF4 / 8-bit memory tiers use bitsandbytes on NVIDIA GPUs (studio/engine/memory.py).

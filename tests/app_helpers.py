@@ -40,13 +40,16 @@ class RunningApp:
                     "STUDIO_QUEUE_FILE": str(root / "runs" / ".queue.sqlite3"), "STUDIO_BACKBONE": "tiny",
                     "GRADIO_TEMP_DIR": str(root / "gradio-tmp"), "GRADIO_ANALYTICS_ENABLED": "False",
                     "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
-                    "STUDIO_HEARTBEAT_S": "0.5", "NO_PROXY": "localhost,127.0.0.1", **(env or {})}
+                    "STUDIO_HEARTBEAT_S": "0.5", "NO_PROXY": "localhost,127.0.0.1", "PYTHONUNBUFFERED": "1",
+                    **(env or {})}
         full_env.pop("STUDIO_DATA", None)
         with open(self.log, "wb") as out:
             args = [str(ROOT / "app.py"), "--port", str(self.port), *(extra_args or []),
                     *([] if worker else ["--no-worker"])]
+            # Started with Ctrl-C ignored, as a shell script's background job is: the app must still stop on it.
             self.proc = subprocess.Popen([sys.executable, *args], cwd=root, env=full_env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
