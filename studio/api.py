@@ -244,14 +244,23 @@ class StudioAPI:
         self.store.delete(template_id)
         return {"deleted": template_id}
 
-    def export(self, template_id: str, fmt: str = "zip") -> Path:
+    def export(self, template_id: str, fmt: str = "zip", precision: str | None = None) -> Path:
         """Write a template as ``zip`` (the whole folder), ``safetensors`` (diffusers keys) or
-        ``comfy`` (kohya/ComfyUI keys) into a fresh download folder; returns the file."""
+        ``comfy`` (kohya/ComfyUI keys) into a fresh download folder; returns the file.
+
+        ``precision`` (``comfy`` only): ``bf16`` (default, half the size) or ``fp32``."""
         method = EXPORT_FORMATS.get((text(fmt, "export format", optional=True) or "zip").strip().lower().lstrip("."))
         if method is None:
             raise InputError(f"unknown export format {fmt!r}: use zip, safetensors or comfy")
+        precision = (text(precision, "export precision", optional=True) or "").strip().lower() or None
+        if precision is not None and precision not in ("bf16", "fp32"):
+            raise InputError(f"unknown export precision {precision!r}: use bf16 or fp32")
+        if precision is not None and method != "export_comfy":
+            raise InputError("an export precision applies to the comfy format only")
         self._prune_exports()
         dest = self.exports_dir / uuid.uuid4().hex
+        if precision is not None:
+            return self.store.export_comfy(template_id, dest, precision)
         return getattr(self.store, method)(template_id, dest)
 
     def _prune_exports(self) -> None:

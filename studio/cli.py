@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("template")
     ex.add_argument("--format", default="zip", choices=["zip", "safetensors", "comfy"])
     ex.add_argument("--out", default=".")
+    ex.add_argument("--precision", choices=["bf16", "fp32"],
+                    help="comfy format only: tensor precision (default bf16, half the size of fp32)")
     im = ms.add_parser("import")
     im.add_argument("file")
     im.add_argument("--name")
@@ -152,7 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     jp = js.add_parser("publish", help="save the kept result of a training whose template could not be saved "
                                        "(e.g. the disk was full) as a template")
     jp.add_argument("job", help="the job id (runs/<job id>)")
+    _store_option_everywhere(parser)
     return parser
+
+
+def _store_option_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--store`` also after any (sub)command, e.g. ``templates list --store X``; the last one given wins.
+
+    Each subparser gets the option with a suppressed default, so it only sets ``args.store`` when it
+    is used there and never hides a ``--store`` given before the command."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if not any("--store" in a.option_strings for a in sub._actions):
+                    sub.add_argument("--store", default=argparse.SUPPRESS,
+                                     help="template store folder (env STUDIO_STORE, default ./templates_store)")
+                _store_option_everywhere(sub)
 
 
 def cmd_train(args: argparse.Namespace, store) -> int:
@@ -316,9 +333,13 @@ def cmd_templates(args: argparse.Namespace, store) -> int:
         from studio.checks import writable_dir
 
         out = writable_dir(args.out)
-        export = {"zip": store.export_zip, "safetensors": store.export_safetensors,
-                  "comfy": store.export_comfy}[args.format]
-        print(export(args.template, out))
+        if args.precision and args.format != "comfy":
+            raise StudioError("--precision applies to --format comfy only")
+        if args.format == "comfy":
+            print(store.export_comfy(args.template, out, args.precision or "bf16"))
+        else:
+            export = {"zip": store.export_zip, "safetensors": store.export_safetensors}[args.format]
+            print(export(args.template, out))
     elif args.action == "import":
         print(store.import_file(Path(args.file), args.name).path)
     elif args.action == "rename":

@@ -348,7 +348,7 @@ def test_export_safetensors_import_round_trip(store, tmp_path):
 def test_export_comfy_and_import_it_back(store, tmp_path):
     lora = flux_lora(2)
     add(store, "Comfy", lora=lora)
-    path = store.export_comfy("comfy", tmp_path)
+    path = store.export_comfy("comfy", tmp_path, "fp32")  # bf16 by default
     assert path.name == "comfy_comfy.safetensors"
     kohya = load_file(str(path))
     assert all(k.startswith("lora_unet_") for k in kohya)
@@ -364,13 +364,16 @@ def test_export_comfy_and_import_it_back(store, tmp_path):
         torch.testing.assert_close(d, deltas(lora)[m])
 
 
-def test_export_comfy_keeps_the_trained_alpha(store, tmp_path):
+def test_export_comfy_folds_the_trained_alpha(store, tmp_path):
     lora = flux_lora(3)
     metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": R, "transformer.lora_alpha": 2 * R})}
     add(store, "Alpha", lora=lora, metadata=metadata)
-    kohya = load_file(str(store.export_comfy("alpha", tmp_path)))
-    assert float(kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == 2 * R
-    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 6 * R
+    kohya = load_file(str(store.export_comfy("alpha", tmp_path, "fp32")))
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_proj.alpha"]) == R  # alpha = rank, scale in the weights
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 3 * R
+    back = lora_formats.kohya_to_diffusers(kohya, "flux")
+    for m, d in deltas(back).items():
+        torch.testing.assert_close(d, 2 * deltas(lora)[m])
     imported = TemplateStore(tmp_path / "other").import_file(store.export_safetensors("alpha", tmp_path))
     stored = load_file(str(imported.path / "lora.safetensors"))  # alpha folded in: diffusers loads scale 1
     for m, d in deltas(stored).items():
@@ -380,8 +383,8 @@ def test_export_comfy_keeps_the_trained_alpha(store, tmp_path):
 def test_import_a_plain_kohya_lora_from_another_trainer(store, tmp_path):
     lora = flux_lora(4)
     path = tmp_path / "cel_shade-v2.safetensors"
-    save_file(lora_formats.diffusers_to_kohya(lora, "flux"), str(path),
-              metadata={"modelspec.trigger_phrase": "cel shaded anime", "ss_network_dim": "4"})
+    save_file(lora_formats.diffusers_to_kohya(lora, "flux"), str(path),  # 32 wide: the header names the model
+              metadata={"modelspec.trigger_phrase": "cel shaded anime", "ss_network_dim": "4", "backbone": "flux-dev"})
     info = store.import_file(path)
     assert info.name == "cel_shade-v2" and info.id == "cel-shade-v2"
     assert info.style_prompt == "cel shaded anime" and info.meta["imported"] is True
@@ -402,7 +405,7 @@ def test_import_a_plain_sd3_lora(store, tmp_path):
             state[f"lora_unet_joint_blocks_{i}_{part}.lora_down.weight"] = torch.randn(4, 24, generator=gen)
             state[f"lora_unet_joint_blocks_{i}_{part}.lora_up.weight"] = torch.randn(72, 4, generator=gen)
     path = tmp_path / "sd3 style.safetensors"
-    save_file(state, str(path))
+    save_file(state, str(path), metadata={"backbone": "sd3.5-large"})  # 24 wide: no real model's shapes
     info = store.import_file(path)
     assert info.family == "sd3" and info.backbone == "sd3.5-large" and info.style_prompt == ""
     path2 = tmp_path / "medium.safetensors"
@@ -417,7 +420,7 @@ def test_imported_names_are_sanitised_and_deduplicated(store, tmp_path):
     save_file(flux_lora(), str(path), metadata={"studio_template": json.dumps(meta)})
     assert store.import_file(path).name == "Ink-Wash (2)"
     odd = tmp_path / "..\\weird\tname.safetensors"
-    save_file(flux_lora(), str(odd))
+    save_file(flux_lora(), str(odd), metadata={"backbone": "tiny"})
     assert store.import_file(odd).name == "-weird name"
     with pytest.raises(InputError, match="cannot contain"):
         store.import_file(path, name="a/b")  # a name the user typed is not rewritten
@@ -584,7 +587,8 @@ def test_import_guesses_the_backbone_from_the_lora_width(store, tmp_path):
 
     assert store.import_file(bare(64, "demo")).backbone == "tiny"
     assert store.import_file(bare(3072, "real")).backbone == "flux-dev"
-    assert store.import_file(bare(100, "unknown")).backbone == "flux-dev"  # the family's default
+    with pytest.raises(InputError, match="match no known FLUX backbone"):  # fits no model: refused
+        store.import_file(bare(100, "unknown"))
 
 
 def test_tiny_widths_match_the_built_tiny_model(tiny_folder):

@@ -52,7 +52,7 @@ MAX_PATH_DEPTH = 3  # e.g. references/ref_00.png is 2
 ALLOWED_SUFFIXES = frozenset({".json", ".jsonl", ".png", ".jpg", ".jpeg", ".webp", ".safetensors"})
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
 DEFAULT_BACKBONES = {"flux": "flux-dev", "sd3": "sd3.5-large"}
-# An imported LoRA with no backbone in its metadata: its attention width says which model it was trained on
+# Attention widths of the known models (imports now match every layer: studio.store.lora_shapes)
 # (tiny FLUX: 2 heads x 32; FLUX.1: 24 x 128; SD3.5 Large: 38 x 64; SD3.5 Medium: 24 x 64).
 BACKBONES_BY_WIDTH = {("flux", 64): "tiny", ("flux", 3072): "flux-dev", ("sd3", 2432): "sd3.5-large",
                       ("sd3", 1536): "sd3.5-medium"}
@@ -105,9 +105,12 @@ def stage_import(src: Path, staging: Path) -> tuple[dict, str]:
 
 
 def _stage_safetensors(src: Path, staging: Path) -> tuple[dict, str]:
-    from studio.store import lora_files
+    from studio.store import lora_files, lora_metadata
 
     _, header = lora_files.read_safetensors_header(src)  # rejects pickles, zips, bad headers
+    refusal = lora_metadata.refused_architecture(header)
+    if refusal:
+        raise InputError(f"{src.name} is not a usable LoRA: {refusal}")
     lora = staging / LORA_FILE
     shutil.copyfile(src, lora)  # validate our own copy from here on
     card = header.get("studio_template")
@@ -131,8 +134,8 @@ def _stage_safetensors(src: Path, staging: Path) -> tuple[dict, str]:
         if loaded.converted:
             kept.pop("lora_adapter_metadata", None)
         _save_lora(loaded.state, lora, {**kept, "format": "pt"})
-    _finish_meta(meta, loaded.family, staging, header, src.name)
-    return meta, src.stem
+    _finish_meta(meta, loaded, staging, header, src.name)
+    return meta, (lora_metadata.name_from_header(header) if card is None else None) or src.stem
 
 
 def _stage_zip(src: Path, staging: Path) -> dict:
@@ -164,7 +167,7 @@ def _stage_zip(src: Path, staging: Path) -> dict:
     if loaded.converted:
         kept = {k: v for k, v in loaded.metadata.items() if k not in ("studio_template", "lora_adapter_metadata")}
         _save_lora(loaded.state, staging / LORA_FILE, {**kept, "format": "pt"})
-    _finish_meta(meta, loaded.family, staging, {}, src.name)
+    _finish_meta(meta, loaded, staging, {}, src.name)
     return meta
 
 
@@ -204,17 +207,24 @@ def _save_lora(state: dict, dest: Path, metadata: dict[str, str]) -> None:
 
 
 def _prompt_from_header(header: dict[str, str]) -> str:
+    """A bare file's style prompt: its trigger phrase (``in <style> style`` unwrapped), else the most
+    frequent tags of its captions (kohya's ``ss_tag_frequency``), else empty."""
+    from studio.store.lora_metadata import style_from_tags, unwrap_style
+
     for key in STYLE_PROMPT_KEYS:
         value = header.get(key)
         if isinstance(value, str) and value.strip():
-            return " ".join(value.split())[:MAX_IMPORTED_PROMPT_CHARS]
-    return ""
+            return unwrap_style(value)[:MAX_IMPORTED_PROMPT_CHARS]
+    return (style_from_tags(header.get("ss_tag_frequency")) or "")[:MAX_IMPORTED_PROMPT_CHARS]
 
 
-def _import_backbone(meta: dict, family: str, folder: Path, header: dict[str, str], source: str) -> str:
-    """The backbone an imported template gets: the one it names if this studio allows it, else the
-    registry's model its LoRA's attention width belongs to; with no backbone named and no width
-    match, the family's default. A named backbone that is not allowed and matches no width is refused."""
+def _import_backbone(meta: dict, family: str, shapes: dict[str, tuple[int, int]], header: dict[str, str],
+                     source: str) -> str:
+    """The backbone an imported template gets: the one it names if this studio allows it, else the known
+    model every layer of its LoRA fits (:mod:`studio.store.lora_shapes`). A LoRA that fits no known model
+    is refused, naming the backbone it states if any."""
+    from studio.store import lora_shapes
+
     stated = meta.get("backbone")
     if not isinstance(stated, str) or not stated.strip():
         stated = header.get("backbone") or header.get("studio_backbone") or ""
@@ -226,23 +236,25 @@ def _import_backbone(meta: dict, family: str, folder: Path, header: dict[str, st
         stated = ""  # a registry id of the other family: the file is wrong about it, ignore it
     if stated and is_allowed(stated):
         return stated
-    by_width = BACKBONES_BY_WIDTH.get((family, _attention_width(folder / LORA_FILE)))
-    if by_width:
+    fits = lora_shapes.fitting_backbones(family, shapes)
+    if fits:
         if stated:
             log.info("import of %s: backbone %r is not allowed here; its LoRA's shapes say %s",
-                     source, stated[:80], by_width)
-        return by_width
+                     source, stated[:80], fits[0])
+        return fits[0]
     if not stated:
-        return DEFAULT_BACKBONES[family]
+        raise InputError(f"{source} is not a usable LoRA: {lora_shapes.mismatch_message(family, shapes)}")
     shown = stated if len(stated) <= 80 else stated[:77] + "..."
     raise InputError(f"{source}: its backbone {shown!r} is not one this studio allows "
                      f"({', '.join(allowed_backbones())}) and its LoRA's shapes match none of them")
 
 
-def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str], source: str) -> None:
+def _finish_meta(meta: dict, loaded, folder: Path, header: dict[str, str], source: str) -> None:
     """Make an imported (already sanitised) template.json consistent with what is on disk."""
-    meta["family"] = family
-    backbone = _import_backbone(meta, family, folder, header, source)
+    from studio.store import lora_shapes
+
+    meta["family"] = loaded.family
+    backbone = _import_backbone(meta, loaded.family, lora_shapes.lora_shapes(loaded.state), header, source)
     meta["backbone"] = backbone
     if "base_model" in meta:  # what the model card names: the model the backbone really is
         known = KNOWN_BACKBONES.get(backbone)
@@ -255,22 +267,10 @@ def _finish_meta(meta: dict, family: str, folder: Path, header: dict[str, str], 
     thumb = safe_relative(meta.get("thumbnail"))
     if "thumbnail" in meta and (thumb is None or not (folder / thumb).is_file()):
         meta.pop("thumbnail")
-
-
-def _attention_width(lora: Path) -> int | None:
-    """The input width of the first attention query projection's LoRA (lora_A is rank x width), or None."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(lora), framework="pt") as f:
-            for key in f.keys():
-                if key.endswith(("to_q.lora_A.weight", "to_q.lora_down.weight")):
-                    shape = f.get_slice(key).get_shape()
-                    return int(shape[1]) if len(shape) == 2 else None
-    except (OSError, ValueError, RuntimeError):
-        return None
-    return None
-
+    if loaded.notes:
+        meta["import_notes"] = list(loaded.notes)
+        for note in loaded.notes:
+            log.warning("import of %s: %s", source, note)
 
 
 def _zip_error(zip_name: str, member: str, why: str) -> InputError:
@@ -421,41 +421,71 @@ def export_zip(template_id: str, folder: Path, dest_dir: Path) -> Path:
     return out
 
 
+def _export_header(template_id: str, meta: dict, family: str, state: dict) -> dict[str, str]:
+    """What every LoRA export's header adds: the studio's card, kohya's and the model spec's keys."""
+    from studio.store import lora_formats, lora_metadata
+
+    title = meta.get("name") if isinstance(meta.get("name"), str) and meta["name"].strip() else template_id
+    return {**lora_metadata.export_metadata(meta, family, lora_formats.module_rank(state), title),
+            "studio_template": json.dumps(meta, ensure_ascii=False), "format": "pt"}
+
+
 def export_safetensors(template_id: str, folder: Path, meta: dict, dest_dir: Path) -> Path:
     """``<dest_dir>/<template_id>.safetensors``: the LoRA (diffusers keys) with the template card.
 
-    The header keeps lora.safetensors' metadata (diffusers' ``lora_adapter_metadata``)
-    and adds ``studio_template`` (``meta``, template.json, as a JSON string) and ``format: pt``.
-    """
-    from safetensors.torch import save_file
-
-    tensors, header = read_lora(template_id, folder)
-    metadata = {**header, "studio_template": json.dumps(meta, ensure_ascii=False), "format": "pt"}
-    out = prepare_dest(dest_dir) / f"{template_id}.safetensors"
-    with atomic_output(out) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return out
-
-
-def export_comfy(template_id: str, folder: Path, meta: dict, family: str, dest_dir: Path) -> Path:
-    """``<dest_dir>/<template_id>_comfy.safetensors``: the LoRA in kohya/ComfyUI keys, same card.
-
-    ``family`` is the template's ("" lets the tensors say). The effective scale diffusers would use
-    (``lora_alpha / r`` from the file's metadata) becomes the kohya ``alpha`` tensors, so ComfyUI at
-    strength 1 matches the studio at LoRA scale 1.
+    The scale diffusers applies (``lora_alpha / r``) is folded into the B matrices, so tools that ignore
+    ``lora_adapter_metadata`` (ComfyUI) load it at the same strength
+    (:func:`studio.store.lora_formats.fold_for_export`); the header adds ``studio_template`` (``meta``,
+    template.json, as a JSON string), ``format: pt`` and the kohya / model-spec keys of
+    :mod:`studio.store.lora_metadata`. Tensors keep the stored precision (float32).
     """
     from safetensors.torch import save_file
 
     from studio.store import lora_formats, lora_keys
 
     tensors, header = read_lora(template_id, folder)
+    fmt, family = lora_keys.analyse(tensors, meta.get("family") or None)
+    if fmt == "diffusers":
+        tensors, header = lora_formats.fold_for_export(tensors, header)
+    metadata = {**header, **_export_header(template_id, meta, family, tensors)}
+    out = prepare_dest(dest_dir) / f"{template_id}.safetensors"
+    with atomic_output(out) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return out
+
+
+EXPORT_PRECISIONS = {"bf16": "bfloat16", "fp32": "float32"}
+
+
+def export_comfy(template_id: str, folder: Path, meta: dict, family: str, dest_dir: Path,
+                 precision: str = "bf16") -> Path:
+    """``<dest_dir>/<template_id>_comfy.safetensors``: the LoRA in kohya/ComfyUI keys, same card.
+
+    ``family`` is the template's ("" lets the tensors say). The effective scale diffusers would use
+    (``lora_alpha / r``) is folded into the up matrices and every ``alpha`` equals its module's rank,
+    so ComfyUI and diffusers' kohya loader (which drops the final layer's alpha) at strength 1 match the
+    studio at LoRA scale 1. ``precision``: ``bf16`` (default, half the size) or ``fp32``. Fused q/k/v
+    (and FLUX ``linear1``) keep their zero-padded block layout: diffusers' kohya converter splits
+    ``linear1`` at FLUX's fixed widths and needs every row.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from studio.store import lora_formats, lora_keys
+
+    if precision not in EXPORT_PRECISIONS:
+        raise InputError(f"unknown export precision {precision!r}: use {' or '.join(EXPORT_PRECISIONS)}")
+    dtype = getattr(torch, EXPORT_PRECISIONS[precision])
+    tensors, header = read_lora(template_id, folder)
     fmt, family = lora_keys.analyse(tensors, family or None)
     if fmt == "kohya":
-        kohya = tensors
+        tensors = lora_formats.kohya_to_diffusers(tensors, family)  # alpha folded in: rank-scaled below
     else:
-        kohya = lora_formats.diffusers_to_kohya(tensors, family, lora_formats.diffusers_scales(tensors, header))
+        tensors, _ = lora_formats.fold_for_export(tensors, header)
+    kohya = lora_formats.diffusers_to_kohya(tensors, family)  # scale 1: alpha = rank
+    kohya = {k: v if k.endswith(".alpha") else v.to(dtype) for k, v in kohya.items()}
     metadata = {k: v for k, v in header.items() if k != "lora_adapter_metadata"}
-    metadata.update({"studio_template": json.dumps(meta, ensure_ascii=False), "format": "pt"})
+    metadata.update(_export_header(template_id, meta, family, tensors))
     out = prepare_dest(dest_dir) / f"{template_id}_comfy.safetensors"
     with atomic_output(out) as tmp:
         save_file(kohya, str(tmp), metadata=metadata)

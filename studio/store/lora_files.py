@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from studio.errors import InputError
+from studio.store import lora_sources
 from studio.store.lora_formats import bake_scales, diffusers_scales, kohya_to_diffusers
 from studio.store.lora_keys import _FLOAT_DTYPES, analyse
 
@@ -114,37 +115,54 @@ class LoadedLora:
 
     state: dict[str, torch.Tensor]
     family: str
-    source_format: str  # "diffusers" | "kohya"
+    source_format: str  # "diffusers" | "kohya" | "onetrainer" | "peft" | "xlabs"
     metadata: dict[str, str]
-    converted: bool  # state differs from the file (kohya keys, or an alpha folded in)
+    converted: bool  # state differs from the file (other keys, an alpha folded in, a part dropped)
+    notes: list[str] = field(default_factory=list)  # what the import changed that the user should know
 
 
 def load_lora(path: Path, family_hint: str | None = None) -> LoadedLora:
     """Validate and load a LoRA file (safetensors only), normalised to diffusers format.
 
-    Kohya keys are converted; alphas (``.alpha`` tensors or a ``lora_adapter_metadata``
-    ``lora_alpha`` other than the rank) are folded into the B matrices. Rejects
-    non-finite values.
+    Other tools' names are brought to the diffusers or kohya keys first (:mod:`studio.store.lora_sources`:
+    OneTrainer, PEFT, XLabs; a text-encoder part is dropped with a note; LoKr, LoHa... are refused by
+    name). Kohya keys are converted; alphas (``.alpha`` tensors or a ``lora_adapter_metadata``
+    ``lora_alpha`` other than the rank) are folded into the B matrices. Rejects non-finite values.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
+    unusable = f"{path.name} is not a usable LoRA"
     specs, metadata = read_safetensors_header(path)
-    try:
-        fmt, family = analyse(specs, family_hint)
-    except InputError as e:
-        raise InputError(f"{path.name} is not a usable LoRA: {e}") from None
+    refusal = lora_sources.unsupported_message(specs)
+    if refusal:
+        raise InputError(f"{unusable}: {refusal}")
+    kind = lora_sources.kind_of(specs)
+    if kind != "xlabs":  # names and shapes checked before any tensor is read
+        renamed, dropped = lora_sources.rename(specs)
+        if dropped and not renamed:
+            raise InputError(f"{unusable}: it holds only a text-encoder LoRA (the studio applies LoRAs to the "
+                             "transformer only)")
+        try:
+            analyse(renamed, family_hint)
+        except InputError as e:
+            raise InputError(f"{unusable}: {e}") from None
     try:
         tensors = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise InputError(f"{path.name} could not be read as safetensors: {e}") from None
     for key, t in tensors.items():
         if not bool(torch.isfinite(t).all()):
-            raise InputError(f"{path.name} is not a usable LoRA: tensor {key!r} has NaN or infinite values")
+            raise InputError(f"{unusable}: tensor {key!r} has NaN or infinite values")
         if key.endswith(".alpha") and float(t.reshape(-1)[0]) <= 0:
-            raise InputError(f"{path.name} is not a usable LoRA: {key!r} is not positive")
+            raise InputError(f"{unusable}: {key!r} is not positive")
     try:
+        if kind == "xlabs":
+            tensors, dropped = lora_sources.convert_xlabs(tensors), 0
+        else:
+            tensors, dropped = lora_sources.rename(tensors)
+        fmt, family = analyse(tensors, family_hint)
         if fmt == "kohya":
             state, converted = kohya_to_diffusers(tensors, family), True
         else:
@@ -152,5 +170,7 @@ def load_lora(path: Path, family_hint: str | None = None) -> LoadedLora:
             converted = any(s != 1.0 for s in scales.values()) or any(k.endswith(".alpha") for k in tensors)
             state = bake_scales(tensors, scales) if converted else tensors
     except InputError as e:
-        raise InputError(f"{path.name} is not a usable LoRA: {e}") from None
-    return LoadedLora(state, family, fmt, dict(metadata), converted)
+        raise InputError(f"{unusable}: {e}") from None
+    notes = [lora_sources.text_encoder_note(dropped)] if dropped else []
+    return LoadedLora(state, family, fmt if kind == "standard" else kind, dict(metadata),
+                      converted or kind != "standard" or bool(dropped), notes)

@@ -257,3 +257,47 @@ def bake_scales(state: Mapping[str, torch.Tensor], scales: Mapping[str, float]) 
             continue
         out[key] = _scaled(t, scales.get(module, 1.0)) if part == "up" else t
     return out
+
+
+# --------------------------------------------------------------------------- exports
+
+def _unit_adapter_metadata(raw: str, ranks: Mapping[str, int]) -> str:
+    """``lora_adapter_metadata`` rewritten for B matrices that already carry the scale: alpha = rank."""
+    config = json.loads(raw)
+    prefix = DIFFUSERS_PREFIX if any(k.startswith(DIFFUSERS_PREFIX) for k in config) else ""
+    common = max(set(ranks.values()), key=list(ranks.values()).count) if ranks else 0
+    r = config.get(prefix + "r") if isinstance(config.get(prefix + "r"), int) else common
+    config[prefix + "lora_alpha"] = r
+    config[prefix + "alpha_pattern"] = {m: rank for m, rank in sorted(ranks.items()) if rank != r}
+    if prefix + "use_rslora" in config:
+        config[prefix + "use_rslora"] = False
+    return json.dumps(config)
+
+
+def fold_for_export(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str],
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A diffusers-format LoRA and its header, made to load at the same strength in every tool.
+
+    ComfyUI ignores ``lora_adapter_metadata`` (it reads only ``.alpha`` tensors, default scale 1) and
+    diffusers' kohya converter drops the final layer's alpha, so an export folds the scale diffusers
+    applies (``lora_alpha / r``) into the B matrices and says ``alpha = rank``: no ``.alpha`` tensors, and
+    a ``lora_adapter_metadata`` with ``lora_alpha = r`` (per-module ranks in ``alpha_pattern``). A file
+    whose scales are all 1 comes back unchanged.
+    """
+    scales = diffusers_scales(state, metadata)
+    if all(s == 1.0 for s in scales.values()) and not any(k.endswith(".alpha") for k in state):
+        return dict(state), dict(metadata)
+    folded = bake_scales(state, scales)
+    out_meta = dict(metadata)
+    raw = metadata.get("lora_adapter_metadata")
+    if raw:
+        ranks = {k[len(DIFFUSERS_PREFIX):-len(".lora_A.weight")]: int(t.shape[0])
+                 for k, t in folded.items() if k.endswith(".lora_A.weight")}
+        out_meta["lora_adapter_metadata"] = _unit_adapter_metadata(raw, ranks)
+    return folded, out_meta
+
+
+def module_rank(state: Mapping[str, torch.Tensor]) -> int:
+    """The most common rank of a diffusers-format LoRA's modules (the template's rank)."""
+    ranks = [int(t.shape[0]) for k, t in state.items() if k.endswith(".lora_A.weight")]
+    return max(set(ranks), key=ranks.count) if ranks else 0

@@ -238,7 +238,29 @@ def _split_key(key: str) -> tuple[str, str, str] | None:
     return None
 
 
+# Parts of LoRA-like adapters this studio cannot apply (LyCORIS algorithms other than plain LoRA):
+# a key holding one of these names the format in the refusal instead of "not a known key".
+UNSUPPORTED_ALGORITHMS = (
+    (".lokr_", "LoKr"), (".hada_", "LoHa"), (".oft_", "OFT"), (".oft_blocks", "OFT"),
+    (".on_input", "(IA)3"), (".a1.weight", "GLoRA"), (".b1.weight", "GLoRA"),
+    (".diff", "a full weight difference (LyCORIS 'full')"), (".lora_mid.", "LoCon (LyCORIS)"),
+)
+
+
+def unsupported_algorithm(key: str) -> str | None:
+    """The adapter format a tensor name belongs to when it is not a plain LoRA (LoKr, LoHa, ...), else None."""
+    for marker, name in UNSUPPORTED_ALGORITHMS:
+        if marker in key:
+            return f"LyCORIS {name}" if key.startswith("lycoris_") and "LyCORIS" not in name else name
+    if key.startswith("lycoris_") and not key.endswith(tuple(_KOHYA_PARTS)):
+        return "a LyCORIS adapter other than plain LoRA"
+    return None
+
+
 def _unknown_key_message(key: str) -> str:
+    algorithm = unsupported_algorithm(key)
+    if algorithm:
+        return f"{algorithm} is not supported (only plain LoRAs): tensor {key!r}"
     if key.startswith(("lora_te", "text_encoder", "text_encoders")):
         return f"tensor {key!r} is a text-encoder LoRA, which is not supported (only the transformer)"
     if "dora_scale" in key or "lora_magnitude_vector" in key:

@@ -287,6 +287,7 @@ SCHEMA: dict[str, Check] = {
     "imported": boolean,
     "source_file": line(MAX_PATH_CHARS),
     "source_repo": pattern(_REPO_RE),
+    "import_notes": list_of(text(MAX_TEXT), 16),  # what an import changed (e.g. a text-encoder part dropped)
 }
 
 

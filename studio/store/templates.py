@@ -470,21 +470,23 @@ class TemplateStore:
     def export_safetensors(self, template_id: str, dest_dir: Path) -> Path:
         """``<dest_dir>/<id>.safetensors``: the LoRA (diffusers keys) with the template card.
 
-        The header keeps lora.safetensors' metadata (diffusers' ``lora_adapter_metadata``)
-        and adds ``studio_template`` (template.json as a JSON string) and ``format: pt``.
+        The LoRA scale is folded into the weights (alpha = rank, so ComfyUI, which ignores
+        ``lora_adapter_metadata``, loads it at the studio's strength); the header adds
+        ``studio_template`` (template.json as a JSON string), ``format: pt`` and the kohya ``ss_*`` and
+        ``modelspec.*`` keys other tools read (:mod:`studio.store.lora_metadata`).
         """
         info = self.get(template_id)
         return exchange.export_safetensors(info.id, info.path, info.meta, dest_dir)
 
-    def export_comfy(self, template_id: str, dest_dir: Path) -> Path:
-        """``<dest_dir>/<id>_comfy.safetensors``: the LoRA in kohya/ComfyUI keys, same card.
+    def export_comfy(self, template_id: str, dest_dir: Path, precision: str = "bf16") -> Path:
+        """``<dest_dir>/<id>_comfy.safetensors``: the LoRA in kohya/ComfyUI keys, same card and keys.
 
-        The effective scale diffusers would use (``lora_alpha / r`` from the file's
-        metadata) becomes the kohya ``alpha`` tensors, so ComfyUI at strength 1 matches
-        the studio at LoRA scale 1.
+        The LoRA scale is folded into the up matrices and every ``alpha`` equals its rank, so ComfyUI
+        and diffusers at strength 1 match the studio at LoRA scale 1. ``precision``: ``bf16``
+        (default) or ``fp32``.
         """
         info = self.get(template_id)
-        return exchange.export_comfy(info.id, info.path, info.meta, info.family, dest_dir)
+        return exchange.export_comfy(info.id, info.path, info.meta, info.family, dest_dir, precision)
 
     # -- import --------------------------------------------------------------------------
 
