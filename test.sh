@@ -25,9 +25,9 @@ lint-imports --no-cache >/dev/null || lint-imports --no-cache  # the layers: qui
 # Build the tiny backbone once (about 1.5 min the first time) before the test processes share it.
 python -c "from studio.engine.backbones.tiny import ensure_tiny_flux, ensure_tiny_sd3; ensure_tiny_flux(); ensure_tiny_sd3()" \
   2>/dev/null
-# One test process per core (pytest-xdist); a module's tests stay together so its fixtures are built once,
-# and the files go out longest first (tests/conftest.py; xdist would otherwise order them by their number
-# of tests, and a long two-test browser file started last decided the run's length).
+# One test process per core (pytest-xdist); a module's tests stay together so its fixtures are built once.
+# xdist hands out the files with the most tests first; handing out the longest first was measured slower
+# (the app and browser files then ran side by side on the two cores).
 # TEST_WORKERS=0 runs in this process (for pdb); `./test.sh -m "not slow"` is the quick loop.
 [ "${TEST_WORKERS:-auto}" = 0 ] || export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per test process
-python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile --no-loadscope-reorder "$@"
+python -m pytest -q -n "${TEST_WORKERS:-auto}" --dist loadfile "$@"

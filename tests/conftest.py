@@ -45,17 +45,3 @@ def browser():
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         yield b
         b.close()
-
-
-# The longest test files first: pytest-xdist hands files out in collection order, so the long ones
-# start at once instead of finishing alone at the end (measured with --durations; order only, no skips).
-LONGEST_FIRST = ["test_worker.py", "test_e2e_browser.py", "test_app_faults.py", "test_retrieval_app.py",
-                 "test_app_api.py", "test_refine_browser.py", "test_refine.py", "test_cli.py", "test_gpu_check.py",
-                 "test_worker_faults.py", "test_training.py", "test_generate_options.py", "test_tiny_backbone.py",
-                 "test_evaluate.py", "test_download.py", "test_train_step.py", "test_memory.py",
-                 "test_memory_phases.py", "test_text_encoder_placement.py", "test_architecture.py"]
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its own order
