@@ -47,6 +47,9 @@ BAD_RECIPES = [
     ("train_guidance", True, "training guidance"),
     ("preview_prompt", 5, "preview prompt"), ("default_content", ["a cat"], "default content"),
     ("default_content", "", "default content"), ("gradient_checkpointing", "yes", "gradient checkpointing"),
+    ("micro_batch", True, "micro-batch"), ("micro_batch", 0, "micro-batch"), ("micro_batch", 2.5, "micro-batch"),
+    ("micro_batch", 10**6, "micro-batch"), ("compile_blocks", "yes", "compile blocks"),
+    ("compile_blocks", 1, "compile blocks"), ("tier", "fp16", "memory tier"),
     ("preset", ["quick"], "unknown preset"),
 ]
 
