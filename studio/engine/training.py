@@ -11,7 +11,6 @@ uninterrupted one because every random draw is seeded from (seed, step).
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -155,13 +154,8 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None, m
         raise
     finally:
         # Whatever happened (done, cancelled, an error inside peft or a step), the warm model goes
-        # back to how it was loaded: no LoRA or peft state, no checkpointing, encoders back in place.
-        # The LoRA (fp32 weights, gradients, Adam's moments) goes first, and its memory is returned
-        # to the allocator before the encoders are restored: no end-of-job spike.
-        clean.remove_adapters(backbone)
-        gc.collect()
-        if backbone.device.type == "cuda":
-            torch.cuda.empty_cache()
+        # back to how it was loaded: no LoRA or peft state, no checkpointing, encoders back in place
+        # (the LoRA's memory is released before the encoders return: no end-of-job spike).
         clean.restore(backbone)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
