@@ -12,6 +12,7 @@ message meant for the user; the UI turns it into ``gr.Error``. No Gradio here.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import re
@@ -35,10 +36,21 @@ from studio.engine.recipe import MAX_RESOLUTION, MAX_SAMPLING_STEPS, MIN_RESOLUT
 from studio.engine.snr import sampler_for
 from studio.engine.training import preview_prompts
 from studio.errors import InputError, StudioError
+from studio.jobs import run_actions
+from studio.jobs.caption_jobs import read_caption_result
 from studio.jobs.jobs import Jobs, parse_generate_options
 from studio.jobs.records import CANCELLED, DONE, FAILED, FINAL
 from studio.media import compose
-from studio.media.images import MAX_NAME_CHARS
+from studio.media.captions import check_crop, merge_captions, read_sidecar
+from studio.media.datasets import is_dataset_zip, open_dataset_zip
+from studio.media.images import (
+    MAX_NAME_CHARS,
+    MAX_REFERENCE_IMAGES,
+    crop_fraction,
+    fit_to_budget,
+    load_image,
+    make_thumbnail,
+)
 from studio.store.templates import TemplateInfo
 from studio.styles.refine import MAX_CANDIDATES, STYLE_METRICS, describe_lineage, template_round
 
@@ -57,7 +69,15 @@ MODE_KEYS = {
 }
 STATUS_KEYS = ("id", "kind", "state", "name", "style_prompt", "backbone", "step", "total_steps", "losses", "t",
                "previews", "queue_position", "template_id", "error", "message", "eta_s", "sec_per_step",
-               "outputs", "created", "request", "cancel_requested")
+               "outputs", "created", "request", "cancel_requested", "started", "finished", "duration_s",
+               "checkpoint_step")
+# One row of the Jobs view (/jobs): what a list shows, without the loss curve and the previews.
+JOB_ROW_KEYS = ("id", "kind", "state", "name", "style_prompt", "step", "total_steps", "created", "started",
+                "finished", "duration_s", "checkpoint_step", "template_id", "error", "message", "queue_position",
+                "cancel_requested")
+MAX_JOB_ROWS = 500
+MAX_HISTORY = 200  # pictures in /generation_history
+PANEL_MARK = "panel"  # in a generation job's folder: one panel of a comic page composed elsewhere
 GENERATE_TIMEOUT_S = 1800.0
 MAX_RESULTS = 100  # search results per query
 MAX_OFFSET = 10_000  # refine_candidates' "offset" along the prompt list
@@ -145,21 +165,117 @@ class StudioAPI:
         ``options``: ``preset`` (paper / quick / high_fidelity), any Recipe field (steps, lr,
         rank, sampler, mu, sigma, resolution, seed, offset_noise, noise_prior (true: learn and
         store the style's noise prior), preview_every, preview_prompt, ...), ``backbone`` and
-        ``captions`` (one per image).
+        ``captions`` (one per image; a dataset zip's ``.txt`` captions fill the ones not given),
+        ``crops`` (one ``[left, top, right, bottom]`` in fractions, or null, per image),
+        ``auto_caption`` (true: the worker captions the images without a caption before training)
+        and ``preview_prompts`` (up to 4 sample prompts; default the paper's three).
         """
         opts = json_object(options, "options", '{"preset": "quick"}')
         backbone = text(opts.pop("backbone", None), "backbone", optional=True, max_chars=1000) or self.backbone
-        captions = opts.pop("captions", None)
+        captions, crops = opts.pop("captions", None), opts.pop("crops", None)
+        auto_caption = boolean(opts.pop("auto_caption", False), "auto_caption")
+        if auto_caption:
+            self._require_captioner()
         if isinstance(opts.get("preview_prompt"), str) and not opts["preview_prompt"].strip():
             opts["preview_prompt"] = None
-        paths = _as_paths(images)
+        paths, sidecars = self._expand_zips(_as_paths(images))
+        if any(sidecars) and (captions is None or isinstance(captions, list) and len(captions) == len(sidecars)):
+            captions = merge_captions(captions, sidecars, len(sidecars))
         style_prompt = text(style_prompt, "style prompt", optional=True)
         if not paths and not (style_prompt or "").strip():  # both missing: say both at once
             raise InputError("Add at least one reference image, and describe the style in the style prompt "
                              "(e.g. 'watercolor painting').")
         name = (text(name, "template name", optional=True) or "").strip() or suggest_name(
             style_prompt or "", {t.name for t in self.store.list()})
-        return self.jobs.submit_train(paths, style_prompt, name, recipe=opts, backbone=backbone, captions=captions)
+        return self.jobs.submit_train(paths, style_prompt, name, recipe=opts, backbone=backbone, captions=captions,
+                                      crops=crops, auto_caption=auto_caption)
+
+    # -- references as a dataset: checked tiles, captions, auto-captioning ------------------------
+
+    def _expand_zips(self, paths: list[str]) -> tuple[list[str], list[str | None]]:
+        """Dataset zips opened into their images (with their .txt captions); other files as they are."""
+        out: list[str] = []
+        captions: list[str | None] = []
+        for path in paths:
+            if is_dataset_zip(path):
+                dest = Path(tempfile.mkdtemp(prefix="studio-dataset-"))
+                for image, caption in open_dataset_zip(path, dest):
+                    out.append(str(image))
+                    captions.append(caption)
+            else:
+                out.append(path)
+                captions.append(None)
+        return out, captions
+
+    def inspect_references(self, images: Any, options: dict | None = None) -> list[dict]:
+        """Check dropped reference files one by one, as they will be trained: one tile per picture.
+
+        ``options``: ``resolution`` (the training's pixel budget; default the backbone's), ``crops``
+        (one region or null per file). A dataset zip becomes one tile per image in it. Each tile:
+        ``{"file", "name", "ok", "error" (one line, or None), "thumbnail" (PNG of the picture as trained:
+        EXIF rotation, alpha over white, crop, resize), "width", "height" (as trained), "caption"
+        (from a .txt beside it, or None)}``.
+        """
+        from studio.engine.backbones import default_backbone, resolve_allowed
+
+        opts = json_object(options, "options", '{"resolution": 512}')
+        resolution = strict_int(opts.get("resolution"), "resolution", MIN_RESOLUTION, MAX_RESOLUTION, optional=True)
+        resolution = resolution or resolve_allowed(self.backbone or default_backbone()).default_resolution
+        paths = _as_paths(images)
+        crops = opts.get("crops")
+        if crops is not None and (not isinstance(crops, list) or len(crops) != len(paths)):
+            raise InputError(f"crops must be a list with one region (or null) per file ({len(paths)})")
+        if len(paths) > MAX_REFERENCE_IMAGES * 2:
+            raise InputError(f"Too many files ({len(paths)}); the limit is {MAX_REFERENCE_IMAGES} reference images.")
+        folder = Path(tempfile.gettempdir()) / "studio-ref-thumbs"
+        folder.mkdir(parents=True, exist_ok=True)
+        tiles: list[dict] = []
+        for k, path in enumerate(paths):
+            name = Path(path).name
+            try:
+                if is_dataset_zip(path):
+                    found = open_dataset_zip(path, Path(tempfile.mkdtemp(prefix="studio-dataset-")))
+                    tiles += [reference_tile(str(p), p.name, resolution, None, folder, c) for p, c in found]
+                    continue
+                box = check_crop((crops or [None] * len(paths))[k], f"crop of {name}")
+                tiles.append(reference_tile(path, name, resolution, box, folder))
+            except StudioError as exc:
+                tiles.append({"file": path, "name": name, "ok": False, "error": str(exc), "thumbnail": None,
+                              "width": None, "height": None, "caption": None})
+        return tiles
+
+    def captioner_status(self) -> dict:
+        """Whether auto-captioning can run: ``{"available", "model", "size", "note"}`` (note: why not and how to
+        get the weights, or that they download on first use). Loads nothing."""
+        from studio.engine.captioner import MODEL_SIZE, caption_source, captioner_availability
+
+        ok, note = captioner_availability()
+        return {"available": ok, "model": caption_source(), "size": MODEL_SIZE, "note": note}
+
+    def _require_captioner(self) -> None:
+        status = self.captioner_status()
+        if not status["available"]:
+            raise InputError(f"Auto-captioning is not available: {status['note']}")
+
+    def auto_caption(self, images: Any, style_prompt: str | None = None, options: dict | None = None) -> str:
+        """Queue auto-captioning of these pictures on the worker (``options``: ``crops``); returns the job id.
+        Follow it with :meth:`caption_status`; the captions describe the content only (the style prompt's
+        words are removed)."""
+        opts = json_object(options, "options", '{"crops": [null, [0.1, 0, 0.9, 1]]}')
+        self._require_captioner()
+        paths, _ = self._expand_zips(_as_paths(images))
+        return self.jobs.submit_caption(paths, style_prompt, crops=opts.get("crops"))
+
+    def caption_status(self, job_id: str) -> dict:
+        """A caption job: ``{"id", "state", "message", "error", "done", "total", "captions"}`` (captions fill
+        in as the worker goes; None where a picture said nothing but style)."""
+        status = self.jobs.status(_job_id(job_id))
+        if status["kind"] != "caption":
+            raise InputError(f"job {job_id} is a {status['kind']} job, not a caption job")
+        result = read_caption_result(self.jobs.job_dir(status["id"]))
+        return {"id": status["id"], "state": status["state"], "message": status["message"],
+                "error": status["error"], "done": int(result.get("done") or 0),
+                "total": int(result.get("total") or len(result["captions"])), "captions": result["captions"]}
 
     def job_status(self, job_id: str) -> dict:
         """The job's state for display: state, step, total_steps, losses, t, previews, queue_position,
@@ -171,6 +287,40 @@ class StudioAPI:
         """Cancel a queued or running job; returns its status."""
         self.jobs.cancel(_job_id(job_id))
         return self.job_status(job_id)
+
+    # -- the Jobs view: every job, and what can be done with one that ended -------------------------
+
+    def jobs_list(self, kind: str | None = None, limit: int | None = None) -> list[dict]:
+        """Jobs newest first (``kind``: train / generate / None for all; ``limit`` 1-500, default 100),
+        each a row of :data:`JOB_ROW_KEYS`."""
+        kind = (text(kind, "kind", optional=True) or "").strip() or None
+        if kind not in (None, "train", "generate"):
+            raise InputError(f"kind must be train or generate (or empty for all), not {kind[:40]!r}")
+        limit = 100 if limit is None else strict_int(limit, "limit", 1, MAX_JOB_ROWS)
+        return [{k: status.get(k) for k in JOB_ROW_KEYS} for status in self.jobs.list_jobs(kind, limit=limit)]
+
+    def resume_job(self, job_id: str) -> dict:
+        """Queue a cancelled or failed training again, from its last checkpoint; returns its status."""
+        run_actions.resume(self.jobs, _job_id(job_id))
+        return self.job_status(job_id)
+
+    def save_checkpoint(self, job_id: str) -> dict:
+        """Save a cancelled or failed training's last checkpoint as a template (the worker writes it);
+        returns the job's status (follow it until done: its template_id)."""
+        run_actions.save_checkpoint(self.jobs, _job_id(job_id))
+        return self.job_status(job_id)
+
+    def retry_job(self, job_id: str) -> str:
+        """A new job with the settings of an ended one; returns the new job id."""
+        return run_actions.retry(self.jobs, _job_id(job_id))
+
+    def delete_job(self, job_id: str) -> dict:
+        """Delete an ended job's folder (a template it made stays); returns what was deleted."""
+        return run_actions.delete(self.jobs, _job_id(job_id))
+
+    def job_settings(self, job_id: str) -> dict:
+        """A training's settings (name, style_prompt, recipe, captions, reference files) for the Train form."""
+        return run_actions.settings(self.jobs, _job_id(job_id))
 
     def active_training(self) -> dict | None:
         """The running (else the next queued) training, for a page that opens or reloads."""
@@ -189,6 +339,7 @@ class StudioAPI:
             "thumbnail": str(info.thumbnail) if info.thumbnail else None,
             "previews": [str(p) for p in info.previews], "references": [str(p) for p in info.references],
             "preview_prompts": meta.get("preview_prompts") or [], "steps": meta.get("steps_done"),
+            "captions": meta.get("captions") or [], "training_prompts": meta.get("training_prompts") or [],
             "sampler": (meta.get("sampler") or {}).get("name"), "imported": bool(meta.get("imported")),
             "source_repo": meta.get("source_repo"), "final_loss": meta.get("final_loss"),
             "resolution": (meta.get("recipe") or {}).get("resolution"),
@@ -552,6 +703,8 @@ class StudioAPI:
         for request in requests:  # every panel is checked before the first one is queued
             parse_generate_options(request)
         jobs = [self._submit(info, r) for r in requests]
+        for job_id in jobs:  # the history lists the page, not each panel (the page goes into jobs[0])
+            (self.jobs.job_dir(job_id) / PANEL_MARK).touch()
         statuses = self._wait(jobs, say)
         files = [s["outputs"][0] for s in statuses]
         say("laying out the page")
@@ -604,6 +757,32 @@ class StudioAPI:
             out.append(self._save(image, job, f"meme_{Path(f).stem}.png", params))
         return out
 
+    def generation_history(self, template_id: str | None = None, limit: int | None = None) -> list[dict]:
+        """Pictures made before, newest first (``template_id``: only with that template; "" or None: all):
+        [{"image", "prompt", "template_id", "job_id", "created"}], at most ``limit`` (1-200, default 24).
+        A comic page or meme is listed as the composed picture, not as its panels. The job folders are the
+        history: it survives restarts, and deleting a job in the Jobs view removes its pictures."""
+        template_id = (text(template_id, "template id", optional=True) or "").strip() or None
+        limit = 24 if limit is None else strict_int(limit, "limit", 1, MAX_HISTORY)
+        out: list[dict] = []
+        for status in self.jobs.list_jobs("generate", states=DONE, limit=MAX_JOB_ROWS):
+            request = status.get("request") or {}
+            if template_id is not None and request.get("template_id") != template_id:
+                continue
+            folder = self.jobs.job_dir(status["id"])
+            composed = sorted((folder / "composed").glob("*.png")) if (folder / "composed").is_dir() else []
+            if (folder / PANEL_MARK).exists() and not composed:
+                continue  # one panel of a comic page: the page itself is listed with the job that holds it
+            asked = (request.get("options") or {}).get("prompt") or ""
+            for path in composed or [Path(p) for p in status["outputs"]]:
+                if path.is_file():  # the prompt as drawn (style words, a comic's panels) is in the PNG
+                    prompt = _png_prompt(path) or asked
+                    out.append({"image": str(path), "prompt": prompt, "template_id": request.get("template_id"),
+                                "job_id": status["id"], "created": status.get("created")})
+            if len(out) >= limit:
+                break
+        return out[:limit]
+
     def _save(self, image: Image.Image, job_id: str, name: str, params: dict) -> Path:
         """Save a composed image into its job's folder, with the parameters in the PNG."""
         from studio.engine.generation import save_png
@@ -620,6 +799,24 @@ class StudioAPI:
         as a template, once there is room; returns the job's status (done, with its template_id)."""
         self.jobs.publish_result(str(job_id or "").strip())
         return self.job_status(str(job_id or "").strip())
+
+
+def reference_tile(path: str, name: str, resolution: int, box, folder: Path, caption: str | None = None) -> dict:
+    """One checked reference: its thumbnail as trained, written into ``folder`` (see inspect_references)."""
+    img = crop_fraction(load_image(path), box)
+    trained = fit_to_budget(img, resolution)
+    thumb = make_thumbnail(trained, 256)
+    digest = hashlib.sha1(f"{path}|{resolution}|{box}|{time.time_ns()}".encode()).hexdigest()[:16]
+    out = folder / f"{digest}.png"
+    thumb.save(out)
+    if caption is None:
+        caption = read_sidecar(path)
+    return {"file": path, "name": name, "ok": True, "error": None, "thumbnail": str(out),
+            "width": trained.width, "height": trained.height, "caption": caption}
+
+
+def _png_prompt(path: Path) -> str:
+    return str(read_png_params(path).get("final_prompt") or "")
 
 
 def _job_id(job_id: Any) -> str:

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preview-every", type=int, help="steps between previews (50; 0 = off)")
     g.add_argument("--preview-steps", type=int, help="denoising steps per preview")
     g.add_argument("--preview-prompt", help="an extra content prompt to preview")
+    g.add_argument("--preview-prompts", nargs="+", metavar="PROMPT",
+                   help="up to 4 sample prompts the previews draw (default: the paper's three); kept with the template")
     g.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (50)")
 
 
@@ -63,7 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", nargs="*", default=[], help="1 to 20 reference images")
     t.add_argument("--style", required=True, help='style prompt, e.g. "watercolor painting"')
     t.add_argument("--name", help="template name (default: from the style prompt)")
-    t.add_argument("--captions", nargs="+", help="optional content caption per image")
+    t.add_argument("--captions", nargs="+", metavar="FILE_OR_TEXT",
+                   help="content captions: a file with one line (text, or a JSON object {\"caption\": ...}) per "
+                        "image or one JSON object {\"image.png\": \"caption\"}; or one caption per image. "
+                        "Without it, image.txt beside each image (kohya / FluxGym) is read")
+    t.add_argument("--auto-caption", action="store_true",
+                   help="caption the images that have no caption with Florence-2 (content only; env "
+                        "STUDIO_CAPTION_MODEL: a local copy)")
     t.add_argument("--backbone", default="tiny", help="tiny | flux-dev | sd3.5-large | sd3.5-medium | folder | hub id")
     t.add_argument("--run-dir", help="work folder (default: a new folder under ./runs); reuse one to resume")
     _recipe_args(t)
@@ -154,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     jp = js.add_parser("publish", help="save the kept result of a training whose template could not be saved "
                                        "(e.g. the disk was full) as a template")
     jp.add_argument("job", help="the job id (runs/<job id>)")
+    jl = js.add_parser("list", help="jobs, newest first: id, state, name, steps, last saved step, note")
+    jl.add_argument("--kind", choices=["train", "generate"], help="only trainings or only generations")
+    jl.add_argument("-n", type=int, default=30, help="how many (30)")
+    jl.add_argument("--json", action="store_true", help="print JSON")
+    for action, text_ in (("resume", "queue a cancelled or failed training again, from its last checkpoint"),
+                          ("save", "save a cancelled or failed training's last checkpoint as a template"),
+                          ("retry", "run an ended job again with the same settings (a new job)"),
+                          ("delete", "delete an ended job's folder (a template it made stays)")):
+        js.add_parser(action, help=text_).add_argument("job", help="the job id (see `jobs list`)")
     _store_option_everywhere(parser)
     return parser
 
@@ -180,15 +198,17 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     # Validate everything before loading a model or writing anything.
     style = validate_prompt(args.style)
     name = validate_name(args.name or style[:60])
-    images = load_reference_images(args.images)
-    if args.captions and len(args.captions) != len(images):
-        raise StudioError(f"give one caption per image ({len(images)}), or none")
+    paths = reference_paths(args.images)
+    images = load_reference_images(paths)
+    captions = cli_captions(args.captions, paths)
     overrides = {k: getattr(args, k) for k in (
         "steps", "grad_accum", "lr", "rank", "alpha", "sampler", "mu", "sigma", "shift", "offset_noise",
         "noise_prior", "resolution", "seed", "precision", "tier", "gradient_checkpointing", "micro_batch",
-        "compile_blocks", "preview_every", "preview_steps", "preview_prompt", "checkpoint_every")}
+        "compile_blocks", "preview_every", "preview_steps", "preview_prompt", "preview_prompts", "checkpoint_every")}
     recipe = Recipe.from_preset(args.preset, **overrides).validate()
     spec = resolve(args.backbone)
+    if args.auto_caption:
+        captions = auto_caption_cli(images, captions, style)
 
     from studio.engine.progress import TqdmObserver
     from studio.engine.training import TrainRequest, prepare_run, train
@@ -204,7 +224,8 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     if spec.is_tiny:
         print("note: 'tiny' is a small random-weight demo model; use --backbone flux-dev on a GPU "
               "for real styles", file=sys.stderr)
-    prepare_run(TrainRequest(images, style, name, recipe, args.captions), run_dir, backbone.backbone_id,
+    prepare_run(TrainRequest(images, style, name, recipe, captions if any(captions) else None), run_dir,
+                backbone.backbone_id,
                 backbone.family, backbone.default_resolution)
     print(f"run folder: {run_dir}", file=sys.stderr)
     with TqdmObserver(recipe.steps) as observer:
@@ -212,6 +233,56 @@ def cmd_train(args: argparse.Namespace, store) -> int:
     info = publish(store, result, name)
     print(info.path)
     return 0
+
+
+def reference_paths(images: list[str]) -> list[str]:
+    """The image files of ``--images``: a dataset zip (images + .txt captions) is unpacked beside the run."""
+    from studio.media.datasets import is_dataset_zip, open_dataset_zip
+
+    out: list[str] = []
+    for path in images:
+        if is_dataset_zip(path):
+            dest = Path(tempfile.mkdtemp(prefix="studio-dataset-"))
+            out += [str(p) for p, _ in open_dataset_zip(path, dest)]
+        else:
+            out.append(path)
+    return out
+
+
+def cli_captions(given: list[str] | None, paths: list[str]) -> list[str | None]:
+    """One caption (or None) per image: ``--captions FILE``, or one text per image, else the ``.txt`` beside
+    each image (kohya / FluxGym). Every caption is checked (length, one line)."""
+    from studio.media.captions import check_caption, read_captions_file, read_sidecar
+
+    if given and len(given) == 1 and Path(given[0]).is_file():
+        return read_captions_file(given[0], paths)
+    if given:
+        if len(given) != len(paths):
+            raise StudioError(f"give one caption per image ({len(paths)}), or a captions file")
+        return [check_caption(c, f"caption of image {i + 1}") for i, c in enumerate(given)]
+    return [read_sidecar(p) for p in paths]
+
+
+def auto_caption_cli(images: list, captions: list[str | None], style: str) -> list[str | None]:
+    """Caption the images without a caption with the captioner (progress on stderr); given captions win."""
+    from studio.engine.captioner import Captioner
+    from studio.media.captions import merge_captions
+
+    todo = [i for i, c in enumerate(captions) if not c]
+    if not todo:
+        return captions
+    captioner = Captioner()
+    print(f"auto-captioning {len(todo)} image(s) with {captioner.source} ...", file=sys.stderr)
+    captioner.load(on_download=show_download)
+    auto: list[str | None] = [None] * len(captions)
+    found = captioner.caption([images[i] for i in todo], style,
+                              on_progress=lambda done, total: print(f"\r  {done}/{total}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    for i, caption in zip(todo, found, strict=True):
+        auto[i] = caption
+        print(f"  image {i + 1}: {caption or '(nothing but style; trained as the default content)'}", file=sys.stderr)
+    captioner.close()
+    return merge_captions(captions, auto, len(captions))
 
 
 def show_download(progress) -> None:
@@ -357,14 +428,47 @@ def cmd_templates(args: argparse.Namespace, store) -> int:
 def cmd_jobs(args: argparse.Namespace, store) -> int:
     from dataclasses import replace
 
+    from studio.jobs import run_actions
     from studio.jobs.jobs import Jobs
     from studio.jobs.queue import Settings
 
     settings = Settings.from_env()
     if args.store:
         settings = replace(settings, store_dir=Path(args.store).expanduser().resolve())
-    status = Jobs(settings=settings).publish_result(args.job)  # the only action so far: publish
-    print(f"{status['template_id']}\t{status['message']}")
+    jobs = Jobs(settings=settings)
+    if args.action == "publish":
+        status = jobs.publish_result(args.job)
+        print(f"{status['template_id']}\t{status['message']}")
+    elif args.action == "list":
+        return _list_jobs(jobs, args)
+    elif args.action in ("resume", "save"):
+        status = (run_actions.resume if args.action == "resume" else run_actions.save_checkpoint)(jobs, args.job)
+        print(f"{status['id']}\t{status['state']}\t{status['message']} (a running worker takes it: "
+              "`python -m studio.worker`, or the app)")
+    elif args.action == "retry":
+        print(run_actions.retry(jobs, args.job))
+    else:
+        gone = run_actions.delete(jobs, args.job)
+        print(f"deleted {gone['deleted']} ({gone['kind']} {gone['name']!r}, {gone['freed_bytes'] / 1e6:.1f} MB)")
+    return 0
+
+
+def _list_jobs(jobs, args: argparse.Namespace) -> int:
+    import json
+
+    from studio.checks import strict_int
+
+    rows = jobs.list_jobs(args.kind, limit=strict_int(args.n, "-n", 1, 500))
+    keys = ("id", "kind", "state", "name", "step", "total_steps", "checkpoint_step", "duration_s", "started",
+            "template_id", "error", "message")
+    if args.json:
+        print(json.dumps([{k: r.get(k) for k in keys} for r in rows], indent=1))
+        return 0
+    for r in rows:
+        saved = f" saved@{r['checkpoint_step']}" if r.get("checkpoint_step") else ""
+        steps = f"{r['step']}/{r['total_steps']}{saved}"
+        note = (r.get("error") or r.get("message") or "").replace("\t", " ")
+        print("\t".join([r["id"], r["state"], r.get("name") or "", steps, note]))
     return 0
 
 

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow  # starts the app or a worker process
 
 ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/template", "/generate", "/export_template",
              "/import_template", "/import_hub", "/rename_template", "/delete_template", "/share_template",
-             "/search_templates", "/similar_templates", "/template_scores", "/refine_candidates", "/refine"}
+             "/search_templates", "/similar_templates", "/template_scores", "/refine_candidates", "/refine",
+             "/jobs", "/resume_job", "/save_checkpoint", "/retry_job", "/delete_job", "/job_settings",
+             "/generation_history", "/inspect_references", "/auto_caption", "/caption_status", "/captioner_status"}
 
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
 MAX_UPLOAD_MB = 2
@@ -107,6 +109,18 @@ def test_generate_text_to_image_comic_and_meme(client, template):
                            api_name="/generate")
     with Image.open(shot) as img:  # the reference was 3:2
         assert img.width > img.height
+
+    # The history keeps all of it, newest first, a comic page as the page (not its four panels).
+    history = client.predict(tid, 20, api_name="/generation_history")
+    asked = ["a comic page", "a grumpy cat", "a cat wakes up", "a wood cabin", "a wood cabin"]
+    assert len(history) == 5 and all(h["prompt"].startswith(a) for h, a in zip(history, asked, strict=True)), history
+    assert history[2]["prompt"].count(" | ") == 3  # the page's four panels
+    assert Path(history[2]["image"]).name.startswith("comic_") and all(h["template_id"] == tid for h in history)
+    assert png_params(history[0]["image"])["seed"] == png_params(shot)["seed"]  # the settings travel in the PNG
+    assert len(client.predict(tid, 1, api_name="/generation_history")) == 1
+    rows = client.predict("generate", 100, api_name="/jobs")
+    assert {r["kind"] for r in rows} == {"generate"} and all(r["state"] == "done" for r in rows)
+    assert "kind must be train or generate" in error_of(client, "painting", 5, api_name="/jobs")
 
 
 def test_export_import_rename_delete(client, template, tmp_path):

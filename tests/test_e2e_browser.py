@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import zipfile
 from pathlib import Path
 
@@ -27,7 +28,8 @@ except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt);
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory, tiny_folder):
-    running = start_app(tmp_path_factory.mktemp("e2e"))
+    # Test-only hook (studio.jobs.worker._test_oom_hook): step 3 of "Doomed Blobs" runs out of memory.
+    running = start_app(tmp_path_factory.mktemp("e2e"), env={"STUDIO_TEST_OOM": "Doomed Blobs:3"})
     yield running
     running.kill()
 
@@ -221,3 +223,66 @@ def test_cancel_during_the_first_previews_stops_within_one_picture(browser, app,
     assert len(first_previews()) <= 2  # the picture being drawn when Cancel came may finish; no more of the 3
     expect(page).to_have_title(re.compile(r"^Cancelled: Early stop"))
     ctx.close()
+
+
+def lora_of(app, template_id: str) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(app.root / "templates_store" / template_id / "lora.safetensors"))
+
+
+def pick_job(page, name: str) -> None:
+    """Click the job's line in the Jobs table (the newest with this name)."""
+    page.locator("#jobs-table [role=gridcell][data-col='0']").filter(
+        has_text=re.compile(f"^\\s*{re.escape(name)}\\s*$")).first.click()
+    expect(page.locator("#job-detail-card")).to_contain_text(name)
+
+
+def test_jobs_view_resumes_a_cancelled_run_and_keeps_a_failed_runs_checkpoint(browser, app, tmp_path):
+    """A cancelled training resumed from the Jobs tab ends with the template an uninterrupted run makes; a
+    failed one's last checkpoint becomes a template; both without the CLI."""
+    import torch
+    from app_helpers import wait_done
+    from gradio_client import Client, handle_file
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    ref = [handle_file(p) for p in refs(tmp_path)]
+    run = {"steps": 24, "checkpoint_every": 4, "preview_every": 0, "rank": 4, "seed": 7}
+    cut = client.predict(ref, "blob poster", "Cut Blobs", run, api_name="/train")
+    deadline = time.monotonic() + 120
+    while client.predict(cut, api_name="/job_status")["step"] < 6 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    client.predict(cut, api_name="/cancel")
+    cancelled = wait_done(client, cut)
+    assert cancelled["state"] == "cancelled" and cancelled["checkpoint_step"] >= 4, cancelled
+    doomed = client.predict(ref, "blob poster", "Doomed Blobs", {**run, "steps": 6, "checkpoint_every": 2},
+                            api_name="/train")
+    assert wait_done(client, doomed)["state"] == "failed"
+
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(20_000)
+    page.goto(app.url, wait_until="domcontentloaded")
+    page.locator("#tab-jobs-button, button[role=tab]:has-text('Jobs')").first.click()
+    expect(page.locator("#jobs-table")).to_contain_text("Cut Blobs")
+    pick_job(page, "Cut Blobs")
+    expect(page.locator("#job-detail-card")).to_contain_text(f"last saved step: {cancelled['checkpoint_step']}")
+    expect(page.locator("#job-save")).to_be_enabled()
+    shoot(page, "jobs")
+    page.locator("#job-resume").click()
+    resumed = wait_done(client, cut, ok=True)
+    assert resumed["template_id"]
+    expect(page.locator("#job-detail-card .badge")).to_have_text("Done", timeout=30_000)  # the view follows it
+
+    pick_job(page, "Doomed Blobs")
+    expect(page.locator("#job-detail-card")).to_contain_text("out of GPU memory at step 3")
+    page.locator("#job-save").click()
+    saved = wait_done(client, doomed, ok=True)
+    expect(page.locator("#job-detail-card")).to_contain_text("checkpoint of step 2 of 6", timeout=30_000)
+    ctx.close()
+
+    template = client.predict(saved["template_id"], api_name="/template")
+    assert template["name"] == "Doomed Blobs" and template["steps"] == 2, template
+    straight = wait_done(client, client.predict(ref, "blob poster", "Straight Blobs", run, api_name="/train"), ok=True)
+    a, b = lora_of(app, resumed["template_id"]), lora_of(app, straight["template_id"])
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)

@@ -9,7 +9,7 @@ from PIL import Image
 from studio.engine.generation import ASPECTS, GenerateOptions, final_prompt, generate, size_for_aspect
 from studio.engine.recipe import Recipe
 from studio.engine.training import TrainRequest, prepare_run, train
-from studio.errors import InputError
+from studio.errors import CancelledError, InputError
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,30 @@ def test_wrong_family_template_is_refused(tiny_backbone, template, tmp_path):
     folder, meta = template
     with pytest.raises(InputError, match="sd3"):
         generate(tiny_backbone, GenerateOptions(prompt="a cow", steps=2), tmp_path, (folder, {**meta, "family": "sd3"}))
+
+
+@pytest.mark.parametrize("path", ["pipeline", "stepwise", "fusion"])
+def test_cancel_is_seen_between_denoising_steps(tiny_backbone, template, tmp_path, path):
+    """A cancel ends a picture after the denoising step in flight, not after all of them."""
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    opts = dict(prompt="a boat", steps=12, seed=3, should_stop=should_stop)
+    with pytest.raises(CancelledError, match="after denoising step 3"):
+        if path == "pipeline":
+            generate(tiny_backbone, GenerateOptions(prompt="a boat", steps=12, seed=3), tmp_path, template,
+                     should_stop=should_stop)
+        elif path == "stepwise":
+            cond = tiny_backbone.encode_prompts(["a boat"])[0]
+            tiny_backbone.generate_stepwise(cond, **{k: v for k, v in opts.items() if k != "prompt"})
+        else:
+            generate(tiny_backbone, GenerateOptions(prompt="a boat", steps=12, seed=3, fusion_weight=0.5), tmp_path,
+                     template, should_stop=should_stop)
+    assert len(asked) == 3 and not list(tmp_path.glob("*.png"))
+    # the pipeline is fine afterwards: the next picture is the one an uncancelled run draws
+    again = generate(tiny_backbone, GenerateOptions(prompt="a cow", steps=4, seed=1), tmp_path / "a")[0]
+    fresh = generate(tiny_backbone, GenerateOptions(prompt="a cow", steps=4, seed=1), tmp_path / "b")[0]
+    assert np.array_equal(pixels(again), pixels(fresh))

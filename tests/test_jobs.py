@@ -24,6 +24,7 @@ STATUS_KEYS = {
     "id", "kind", "state", "name", "style_prompt", "backbone", "template_id", "created", "started", "finished",
     "step", "total_steps", "losses", "t", "previews", "queue_position", "eta_s", "sec_per_step", "peak_mem",
     "outputs", "error", "message", "attempts", "cancel_requested", "worker", "timing", "request",
+    "checkpoint_step", "duration_s",
 }
 QUICK = {"steps": 2, "preview_every": 0, "checkpoint_every": 0}
 
@@ -237,3 +238,36 @@ def test_config_defaults(monkeypatch, tmp_path):
     assert config.queue_file() == tmp_path / "runs" / ".queue.sqlite3" and config.redis_url() is None
     monkeypatch.setenv("STUDIO_REDIS_URL", "redis://example:6379/1")
     assert config.redis_url() == "redis://example:6379/1"
+
+
+def test_the_jobs_view_refuses_bad_values_and_unfinished_jobs(jobs, image):
+    """The Jobs view's actions check their input: no bool for a number, no unknown kind, nothing done to a
+    job that is still queued (it has no worker here, so it stays queued)."""
+    from studio.api import StudioAPI
+    from studio.jobs import run_actions
+
+    api = StudioAPI(jobs)
+    job_id = jobs.submit_train([image], "red poster", "Waiting", recipe=QUICK)
+    with pytest.raises(InputError, match="limit must be a whole number"):
+        api.jobs_list(None, True)
+    with pytest.raises(InputError, match="kind must be train or generate"):
+        api.jobs_list("painting")
+    assert [r["id"] for r in api.jobs_list("train", 500)][0] == job_id
+    for action in (run_actions.resume, run_actions.save_checkpoint):
+        with pytest.raises(InputError, match="only a cancelled or failed training"):
+            action(jobs, job_id)
+    for action in (run_actions.retry, run_actions.delete):
+        with pytest.raises(InputError, match="cancel it first|still queued"):
+            action(jobs, job_id)
+    with pytest.raises(NotFoundError):
+        api.resume_job("../../etc")
+    jobs.cancel(job_id)
+    assert jobs.status(job_id)["state"] == "cancelled"
+    with pytest.raises(InputError, match="no checkpoint yet"):
+        run_actions.save_checkpoint(jobs, job_id)
+    queued = run_actions.resume(jobs, job_id)  # no checkpoint: it starts again from step 0
+    assert queued["state"] == "queued" and "from the start" in queued["message"]
+    assert not queued["cancel_requested"]
+    with pytest.raises(InputError, match="limit must be a whole number from 1"):
+        api.generation_history("", 0)
+    assert api.generation_history(None) == []  # no pictures made yet

@@ -13,8 +13,10 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+import torch
 from queue_helpers import BACKENDS, make_settings, redis_url, wait_for, write_image  # noqa: F401 (redis_url: a fixture)
 
+from studio.errors import InputError, NotFoundError
 from studio.jobs.jobs import Jobs
 from studio.jobs.records import CANCELLED, DONE, FAILED, FINAL, QUEUED, RUNNING
 from studio.jobs.supervisor import Supervisor
@@ -213,3 +215,87 @@ def test_jobs_survive_a_restart_of_the_app(studio):
     resumed = wait_final(studio, running)
     assert resumed["state"] == DONE and resumed["attempts"] == 2 and resumed["timing"]["resumed_from"] >= 5
     assert metric_steps(studio, running) == list(range(1, 61))
+
+
+# -- the Jobs view's actions (studio.jobs.run_actions) on a real worker ------------------------------
+
+
+def lora_tensors(template_path):
+    from safetensors.torch import load_file
+
+    return load_file(str(template_path / "lora.safetensors"))
+
+
+def test_a_cancelled_run_resumed_equals_an_uninterrupted_one(studio):
+    from studio.jobs import run_actions
+
+    settings = {"steps": 24, "checkpoint_every": 4, "seed": 5}
+    job_id = train(studio, "resumable", **settings)
+    wait_step(studio, job_id, 6)
+    studio.jobs.cancel(job_id)
+    cancelled = wait_final(studio, job_id)
+    ckpt = cancelled["checkpoint_step"]
+    assert cancelled["state"] == CANCELLED and ckpt >= 4 and ckpt % 4 == 0 and ckpt < 24, cancelled
+    with pytest.raises(InputError, match="only a cancelled or failed training"):
+        run_actions.resume(studio.jobs, train_done := wait_final(studio, train(studio, "done-one"))["id"])
+    assert studio.jobs.status(train_done)["state"] == DONE
+
+    queued = run_actions.resume(studio.jobs, job_id)
+    assert queued["state"] == QUEUED and "resuming from the checkpoint of step" in queued["message"]
+    resumed = wait_final(studio, job_id)
+    assert resumed["state"] == DONE, resumed["error"]
+    assert metric_steps(studio, job_id) == list(range(1, 25))
+    assert studio.jobs.read(job_id)["timing"]["resumed_from"] == ckpt
+    straight = wait_final(studio, train(studio, "straight", **settings))
+    a = lora_tensors(studio.jobs.store.get(resumed["template_id"]).path)
+    b = lora_tensors(studio.jobs.store.get(straight["template_id"]).path)
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a), "a resumed run must equal one run"
+
+
+def test_a_failed_runs_checkpoint_is_saved_as_a_template(studio):
+    from studio.jobs import run_actions
+
+    job_id = train(studio, "oom-me", steps=6, checkpoint_every=2)  # step 3 runs out of memory (WORKER_ENV)
+    failed = wait_final(studio, job_id)
+    assert failed["state"] == FAILED and failed["checkpoint_step"] == 2
+    saved = wait_final(studio, run_actions.save_checkpoint(studio.jobs, job_id)["id"])
+    assert saved["state"] == DONE and "checkpoint of step 2 of 6" in saved["message"], saved
+    template = studio.jobs.store.get(saved["template_id"])
+    assert template.meta["steps_done"] == 2 and template.meta["job_id"] == job_id
+    assert lora_files.validate_lora(template.path / "lora.safetensors") == "flux"
+    with pytest.raises(InputError, match="no checkpoint yet"):
+        run_actions.save_checkpoint(studio.jobs, cancel_before_checkpoint(studio))
+
+
+def cancel_before_checkpoint(env) -> str:
+    job_id = train(env, "early", steps=400, checkpoint_every=300)
+    wait_step(env, job_id, 1)
+    env.jobs.cancel(job_id)
+    assert wait_final(env, job_id)["state"] == CANCELLED
+    return job_id
+
+
+def test_retry_clone_settings_and_delete(studio):
+    from studio.jobs import run_actions
+
+    first = wait_final(studio, train(studio, "to-retry", steps=2))
+    again = run_actions.retry(studio.jobs, first["id"])
+    assert again != first["id"]
+    redone = wait_final(studio, again)
+    assert redone["state"] == DONE and redone["request"] == first["request"] and redone["name"] == "to-retry"
+    form = run_actions.settings(studio.jobs, again)
+    assert form["style_prompt"] == "red poster" and form["recipe"]["steps"] == 2
+    assert [os.path.basename(p) for p in form["references"]] == first["request"]["references"]
+    running = train(studio, "busy", steps=2000)
+    wait_step(studio, running, 1)
+    with pytest.raises(InputError, match="cancel it first"):
+        run_actions.delete(studio.jobs, running)
+    studio.jobs.cancel(running)
+    wait_final(studio, running)
+    gone = run_actions.delete(studio.jobs, again)
+    assert gone["deleted"] == again and gone["freed_bytes"] > 0 and gone["name"] == "to-retry"
+    assert not (studio.jobs.runs_dir / again).exists()
+    assert studio.jobs.store.get(redone["template_id"])  # the template it made stays
+    with pytest.raises(NotFoundError):
+        studio.jobs.status(again)

@@ -20,7 +20,7 @@ the diffusers pipeline does, and the scheduler's Euler ``step`` updates the late
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from studio.engine.backbones.base import Backbone, Cond
+from studio.errors import CancelledError
 
 
 @dataclass
@@ -71,11 +72,13 @@ def lora_off(backbone: Backbone) -> Iterator[None]:
 def fused_generate(backbone: Backbone, cond: Cond, weights: list[float], *, seed: int,
                    steps: int | None = None, guidance: float | None = None, width: int | None = None,
                    height: int | None = None, negative: Cond | None = None, latents: torch.Tensor | None = None,
-                   trace: list[StepTrace] | None = None) -> Image.Image:
+                   trace: list[StepTrace] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Image.Image:
     """One image whose step ``i`` follows ``v_base + weights[i] * (v_template - v_base)``.
 
     The template LoRAs must already be active (:func:`studio.engine.generation.activate_templates`).
-    ``trace``, when given, receives one :class:`StepTrace` per step (tests, ablations).
+    ``trace``, when given, receives one :class:`StepTrace` per step (tests, ablations); ``should_stop``
+    is asked after each step (:class:`studio.errors.CancelledError` when it says yes).
     """
     run = backbone.prepare_sampling(cond, seed=seed, steps=steps, guidance=guidance, width=width,
                                     height=height, negative=negative, latents=latents)
@@ -98,4 +101,6 @@ def fused_generate(backbone: Backbone, cond: Cond, weights: list[float], *, seed
         if trace is not None:
             trace.append(StepTrace(i, t, w, x, v, v_base, v_template))
         x = scheduler.step(v, t, x, return_dict=False)[0]
+        if should_stop is not None and should_stop():
+            raise CancelledError(f"cancelled after denoising step {i + 1} of {len(weights)}")
     return run.decode(x)

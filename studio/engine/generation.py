@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -205,14 +206,16 @@ def activate_templates(backbone: Backbone, templates: list[tuple[Path, float]]) 
 
 def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
              template: tuple[Path, dict] | None = None, stem: str = "image",
-             mix: list[MixedTemplate] | None = None) -> list[Path]:
+             mix: list[MixedTemplate] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> list[Path]:
     """Generate ``options.num_images`` PNGs (seeds ``seed, seed+1, ...``) into ``out_dir``.
 
     ``template`` is ``(folder, template.json dict)`` or None for the bare base model. ``mix``
     holds the resolved ``(folder, template.json dict, scale)`` of ``options.mix`` (see
     :func:`studio.engine.mixing.resolve_mix`; entries that are folder paths are resolved here when it
     is None). Each PNG carries its generation parameters in PNG text chunks ("parameters" and
-    "studio").
+    "studio"). ``should_stop`` (a callable) is asked after every denoising step: a cancel ends the job
+    within one step (:class:`studio.errors.CancelledError`).
     """
     options.validate()
     if mix is None:
@@ -245,7 +248,7 @@ def generate(backbone: Backbone, options: GenerateOptions, out_dir: Path,
         seed = options.seed + k
         latents = start_latents(backbone, prior, seed, width, height) if prior is not None else None
         sample = dict(seed=seed, steps=steps, guidance=guidance, width=width, height=height,
-                      negative=negative, latents=latents)
+                      negative=negative, latents=latents, should_stop=should_stop)
         if weights is None:
             image = backbone.generate(conds[0], **sample)
         else:

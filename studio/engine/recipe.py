@@ -27,6 +27,7 @@ MAX_GUIDANCE = 30.0  # FLUX's guidance embedding / classifier-free guidance; the
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048  # pixel budget side, training and generation
 MAX_SAMPLING_STEPS = 200  # denoising steps of a preview or a generation
 MAX_PROMPT_CHARS = 1000
+MAX_PREVIEW_PROMPTS = 4
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 TIERS = ("auto", "bf16", "fp8", "int8", "nf4")
 
@@ -68,6 +69,8 @@ class Recipe:
     preview_every: int = 50
     preview_steps: int | None = None  # denoising steps for previews; None: backbone default
     preview_prompt: str | None = None
+    # The content prompts previewed during training (up to MAX_PREVIEW_PROMPTS); None: the paper's three.
+    preview_prompts: list[str] | None = None
     checkpoint_every: int = 50
     default_content: str = "an image"  # content part of "{content} in {style} style" without captions
 
@@ -103,6 +106,7 @@ class Recipe:
         self.preview_prompt = text(self.preview_prompt, "preview prompt", optional=True, max_chars=MAX_PROMPT_CHARS)
         if self.preview_prompt is not None:
             self.preview_prompt = self.preview_prompt.strip() or None
+        self.preview_prompts = _prompt_list(self.preview_prompts)
         self.checkpoint_every = strict_int(self.checkpoint_every,
                                            "checkpoint interval (checkpoint_every; 0 turns it off)", 0, MAX_STEPS)
         self.default_content = text(self.default_content, "default content", max_chars=MAX_PROMPT_CHARS)
@@ -134,6 +138,21 @@ class Recipe:
             raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         base = replace(cls(), **PRESETS[preset])
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _prompt_list(value: Any) -> list[str] | None:
+    """The sample (preview) prompts: a list of 1-4 texts (blank ones dropped), or None for the defaults."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+        raise InputError(f"preview prompts must be a list of texts (up to {MAX_PREVIEW_PROMPTS}), "
+                         f"not {shown(value)}")
+    prompts = [" ".join(p.split()) for p in value if p.strip()]
+    if len(prompts) > MAX_PREVIEW_PROMPTS:
+        raise InputError(f"at most {MAX_PREVIEW_PROMPTS} preview prompts, not {len(prompts)}")
+    for p in prompts:
+        text(p, "preview prompt", max_chars=MAX_PROMPT_CHARS)
+    return list(dict.fromkeys(prompts)) or None
 
 
 def check_recipe_dict(data: Any, where: str = "recipe") -> dict[str, Any]:

@@ -35,7 +35,7 @@ from studio.engine.backbones import clean
 from studio.engine.backbones.base import Backbone, LatentDist, host_to_device
 from studio.engine.noise_prior import NoisePrior, compute_prior, start_latents
 from studio.engine.recipe import Recipe
-from studio.errors import CancelledError, StudioError
+from studio.errors import CancelledError, NotFoundError, StudioError
 from studio.media.images import fit_to_budget, make_thumbnail
 
 ADAPTER = "studio_train"
@@ -95,9 +95,10 @@ def style_caption(content: str, style_prompt: str) -> str:
 
 
 def preview_prompts(recipe: Recipe) -> list[str]:
-    """Content prompts previewed during training (the user's own first)."""
+    """Content prompts previewed during training: the user's own (``preview_prompts``, else the paper's
+    three), with the extra ``preview_prompt`` first."""
     extra = [recipe.preview_prompt] if recipe.preview_prompt else []
-    return extra + list(PREVIEW_PROMPTS)
+    return list(dict.fromkeys(extra + list(recipe.preview_prompts or PREVIEW_PROMPTS)))
 
 
 def prepare_run(request: TrainRequest, run_dir: Path, backbone_id: str, family: str,
@@ -159,6 +160,41 @@ def train(backbone: Backbone, run_dir: Path, observer: Observer | None = None, m
         clean.restore(backbone)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def result_from_checkpoint(backbone: Backbone, run_dir: Path) -> Path:
+    """Make ``run_dir/result`` from the run's last checkpoint, without training further.
+
+    For a cancelled or failed run whose checkpoint is worth keeping: the template holds the LoRA as
+    it was at that step (``steps_done``), with the previews drawn up to then. NotFoundError when the
+    run has no checkpoint.
+    """
+    request = json.loads((run_dir / "request.json").read_text())
+    recipe = Recipe.from_dict(request["recipe"])
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
+        raise NotFoundError("this run has no checkpoint yet (one is written every "
+                            f"{recipe.checkpoint_every} steps); train again instead")
+    step = int(json.loads((folder / "state.json").read_text())["step"])
+    try:
+        attach_lora(backbone, recipe)
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(backbone.transformer, load_file(folder / "lora.safetensors"), adapter_name=ADAPTER)
+        # metrics and previews after the checkpoint belong to steps the template does not hold
+        truncate_metrics(run_dir / "metrics.jsonl", step)
+        return write_result(backbone, run_dir, request, recipe, recipe.noise_sampler(backbone.family),
+                            _prior_of(backbone, run_dir, request, recipe), steps_done=step)
+    finally:
+        clean.restore(backbone)
+
+
+def _prior_of(backbone: Backbone, run_dir: Path, request: dict, recipe: Recipe) -> NoisePrior | None:
+    """The run's style noise prior again (deterministic in the references), if the recipe learns one."""
+    if not recipe.noise_prior:
+        return None
+    images = [Image.open(run_dir / "references" / n).convert("RGB") for n in request["references"]]
+    return compute_prior([lat.mean for lat in backbone.encode_images(images)])
 
 
 def _train(backbone: Backbone, run_dir: Path, observer: Observer, request: dict, recipe: Recipe,
@@ -418,7 +454,7 @@ class PreviewWriter:
             if self.noise_prior is not None:
                 latents = start_latents(self.backbone, self.noise_prior, seed, size, size)
             image = self.backbone.generate(cond, seed=seed, steps=self.steps, width=size, height=size,
-                                           negative=self.negative, latents=latents)
+                                           negative=self.negative, latents=latents, should_stop=self.should_stop)
             path = self.folder / f"step_{step:04d}_p{i}.png"
             image.save(path.with_suffix(".tmp.png"))
             os.replace(path.with_suffix(".tmp.png"), path)
@@ -453,12 +489,27 @@ def save_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_folder(run_dir: Path) -> Path | None:
+    """The run's latest complete checkpoint folder, or None."""
+    for folder in (run_dir / "checkpoint", run_dir / "checkpoint.old"):  # .old: crashed between the two renames
+        if (folder / "state.json").exists():
+            return folder
+    return None
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's latest checkpoint (0: none)."""
+    folder = checkpoint_folder(run_dir)
+    try:
+        return int(json.loads((folder / "state.json").read_text())["step"]) if folder else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def load_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer) -> int:
     """Restore the latest checkpoint if there is one; return the step it was taken at."""
-    folder = run_dir / "checkpoint"
-    if not (folder / "state.json").exists() and (run_dir / "checkpoint.old" / "state.json").exists():
-        folder = run_dir / "checkpoint.old"  # crashed between the two renames
-    if not (folder / "state.json").exists():
+    folder = checkpoint_folder(run_dir)
+    if folder is None:
         return 0
     step = json.loads((folder / "state.json").read_text())["step"]
     from peft.utils import set_peft_model_state_dict
@@ -487,8 +538,13 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recipe,
-                 sampler: snr.NoiseSampler, noise_prior: NoisePrior | None = None) -> Path:
-    """Assemble the finished template folder in ``run_dir/result`` (moved into the store later)."""
+                 sampler: snr.NoiseSampler, noise_prior: NoisePrior | None = None,
+                 steps_done: int | None = None) -> Path:
+    """Assemble the finished template folder in ``run_dir/result`` (moved into the store later).
+
+    ``steps_done``: the step the LoRA is at, when it is not the recipe's last (a saved checkpoint).
+    """
+    steps_done = recipe.steps if steps_done is None else steps_done
     result = run_dir / "result.tmp"
     shutil.rmtree(result, ignore_errors=True)
     result.mkdir()
@@ -506,9 +562,12 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
     )
     shutil.copytree(run_dir / "references", result / "references")
-    previews = sorted((run_dir / "previews").glob("step_*.png")) if (run_dir / "previews").exists() else []
+    previews = sorted(p for p in (run_dir / "previews").glob("step_*.png")
+                      if int(p.name[5:9]) <= steps_done) if (run_dir / "previews").exists() else []
     if previews:
-        shutil.copytree(run_dir / "previews", result / "previews")
+        (result / "previews").mkdir()
+        for p in previews:
+            shutil.copy(p, result / "previews" / p.name)
     shutil.copy(run_dir / "metrics.jsonl", result / "metrics.jsonl")
     thumb_source = previews[-1] if previews else result / "references" / request["references"][0]
     make_thumbnail(Image.open(thumb_source).convert("RGB")).save(result / "thumbnail.png")
@@ -523,10 +582,12 @@ def write_result(backbone: Backbone, run_dir: Path, request: dict, recipe: Recip
         "sampler": sampler.describe(),
         "lora_targets": list(backbone.lora_targets),
         "memory_tier": backbone.tier,  # the LoRA loads into the unquantised model whatever the tier
-        "steps_done": recipe.steps,
+        "steps_done": steps_done,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "references": [f"references/{n}" for n in request["references"]],
         "captions": request["captions"],
+        "training_prompts": [style_caption(c or recipe.default_content, request["style_prompt"])
+                             for c in request["captions"]],
         "previews": [f"previews/{p.name}" for p in previews],
         "preview_prompts": preview_prompts(recipe),
         "thumbnail": "thumbnail.png",

@@ -23,15 +23,17 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from studio.checks import json_object, text
+from studio.checks import boolean, json_object, text
 from studio.engine.backbones import default_backbone, resolve_allowed
 from studio.engine.generation import GenerateOptions, check_request, output_size
 from studio.engine.recipe import Recipe
-from studio.engine.training import TrainRequest, prepare_run
+from studio.engine.training import TrainRequest, checkpoint_step, prepare_run
 from studio.errors import InputError, NotFoundError, StudioError
+from studio.jobs.caption_jobs import apply_crops, mark_auto_caption, prepare_caption_run
 from studio.jobs.queue import PRIORITY, Queue, Settings
 from studio.jobs.records import (
     CANCEL_FILE,
@@ -53,6 +55,7 @@ from studio.jobs.records import (
     worker_dead,
     write_record,
 )
+from studio.media.captions import check_caption
 from studio.media.images import load_reference_images, validate_name, validate_prompt
 from studio.store.templates import TemplateStore
 
@@ -95,12 +98,15 @@ class Jobs:
     # -- submitting ---------------------------------------------------------------------------
 
     def submit_train(self, images: list[str | Path], style_prompt: str, name: str, recipe: dict | None = None,
-                     backbone: str | None = None, captions: list[str | None] | None = None) -> str:
+                     backbone: str | None = None, captions: list[str | None] | None = None,
+                     crops: list | None = None, auto_caption: bool = False) -> str:
         """Validate a training request, copy its references into a new job folder, enqueue it.
 
         Everything is checked before anything is written (InputError with a readable message),
         and the normalised references are stored in the job folder, so the uploaded files may
-        vanish afterwards. Returns the job id.
+        vanish afterwards. ``crops``: one region per image (:func:`studio.media.captions.check_crop`)
+        or None. ``auto_caption``: the worker captions the images without a caption before training
+        (:mod:`studio.engine.captioner`). Returns the job id.
         """
         style = validate_prompt(text(style_prompt, "style prompt", optional=True))
         name = validate_name(text(name, "template name", optional=True) or style[:60])
@@ -108,6 +114,8 @@ class Jobs:
         spec = resolve_allowed(text(backbone, "backbone", optional=True, max_chars=1000) or default_backbone())
         loaded = load_reference_images(list(images or []))
         captions = parse_captions(captions, len(loaded))
+        loaded = apply_crops(loaded, crops)
+        auto_caption = boolean(auto_caption, "auto_caption")
 
         job_id = self._new_id("train")
         run_dir = self.job_dir(job_id)
@@ -117,10 +125,30 @@ class Jobs:
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise
+        if auto_caption:
+            mark_auto_caption(run_dir)
         request = json.loads((run_dir / "request.json").read_text())
         record = self._new_record(job_id, "train", spec.backbone_id, name=name, style_prompt=style,
                                   request={"recipe": request["recipe"], "references": request["references"],
-                                           "captions": request["captions"]})
+                                           "captions": request["captions"],
+                                           **({"auto_caption": True} if auto_caption else {})})
+        return self._enqueue_new(record)
+
+    def submit_caption(self, images: list[str | Path], style_prompt: str | None = None,
+                       crops: list | None = None) -> str:
+        """Queue an auto-captioning job (kind "caption"): the worker writes one content caption per image
+        (style words removed) into the job's ``captions.json`` as it goes. Returns the job id."""
+        style = text(style_prompt, "style prompt", optional=True, max_chars=500) or ""
+        loaded = apply_crops(load_reference_images(list(images or [])), crops)
+        job_id = self._new_id("caption")
+        run_dir = self.job_dir(job_id)
+        try:
+            names = prepare_caption_run(loaded, run_dir)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
+        record = self._new_record(job_id, "caption", "captioner", name=f"captions of {len(names)} image(s)",
+                                  style_prompt=style.strip(), request={"references": names})
         return self._enqueue_new(record)
 
     def submit_refine(self, template_id: str, images: list[str | Path] | None = None,
@@ -452,6 +480,25 @@ class Jobs:
     def _queue_order(self) -> list[str]:
         return [r["id"] for r in self.queued()]
 
+    def _waiting_for(self, record: dict) -> str:
+        """Why a queued generation waits, when a training holds the worker: it is drawn between that
+        training's steps, so the wait is about one step (or the training's set-up and first previews)."""
+        running = [r for r in self._records() if r["state"] == RUNNING and r["kind"] == "train"
+                   and r.get("backbone") == record.get("backbone")]
+        if not running:
+            return ""
+        training = running[0]
+        progress = _read_json(self.job_dir(training["id"]) / PROGRESS_FILE) or {}
+        name = training.get("name") or "a template"
+        if (self.job_dir(training["id"]) / CANCEL_FILE).exists():
+            return f": the training {name!r} is being cancelled; your pictures come right after"
+        if not progress.get("step"):
+            return (f": the training {name!r} is setting up and drawing its first previews; your pictures are "
+                    "drawn between its steps once it starts")
+        sps = progress.get("sec_per_step")
+        each = f" (about {sps:.0f} s each)" if isinstance(sps, int | float) and sps >= 1 else ""
+        return f": drawn between the steps of the training {name!r}{each}"
+
     def _new_id(self, kind: str) -> str:
         return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(4)}"
 
@@ -504,13 +551,17 @@ class Jobs:
             "attempts": int(record.get("attempts", 0)), "cancel_requested": (folder / CANCEL_FILE).exists(),
             "worker": (record.get("worker") or {}).get("id"), "timing": dict(record.get("timing") or {}),
             "request": copy.deepcopy(request),
+            "checkpoint_step": checkpoint_step(folder) if record["kind"] == "train" else 0,
+            "duration_s": _duration(record),
         }
         if record["state"] == QUEUED:
             ahead = (position or 1) - 1
             status["message"] = (f"queued: {'next' if not ahead else f'{ahead} job(s) ahead'}"
                                  + ("" if online else "; no worker is running"))
-            if record.get("attempts"):
+            if record.get("attempts") or "finish_at_checkpoint" in record:  # re-queued, or resumed from the Jobs view
                 status["message"] += f" ({record.get('message')})"
+            if record["kind"] == "generate" and online:
+                status["message"] += self._waiting_for(record)
         elif record["state"] == RUNNING and record["kind"] == "train":
             status["message"] = (f"training: step {status['step']} of {total}" if status["step"]
                                  else record.get("message") or "starting")
@@ -538,14 +589,15 @@ def parse_recipe(recipe: dict | None) -> Recipe:
 
 
 def parse_captions(captions: list[str | None] | None, n_images: int) -> list[str | None] | None:
-    """One optional content caption per image (blank means none), or None."""
-    if not captions:
+    """One optional content caption per image (blank means none; at most
+    :data:`studio.media.captions.MAX_CAPTION_CHARS` characters on one line), or None."""
+    if captions is None or (isinstance(captions, list | tuple) and not captions):
         return None
     if not isinstance(captions, list | tuple) or not all(isinstance(c, str | None) for c in captions):
         raise InputError("captions must be a list of texts, one per image (blank for none)")
     if len(captions) != n_images:
         raise InputError(f"give one caption per image ({n_images}), or none")
-    out = [validate_prompt(c, "caption") if isinstance(c, str) and c.strip() else None for c in captions]
+    out = [check_caption(c, f"caption of image {i + 1}") for i, c in enumerate(captions)]
     return out if any(out) else None
 
 
@@ -566,6 +618,25 @@ def _cancelled(record: dict, message: str) -> dict:
     if record["state"] == RUNNING:
         end_attempt(record, "cancelled")
     return {**record, "state": CANCELLED, "finished": now_iso(), "message": message, "worker": None}
+
+
+def _duration(record: dict) -> float | None:
+    """Seconds the job's attempts ran (None before it started); a running attempt counts up to now."""
+    total, seen = 0.0, False
+    for attempt in record.get("history") or []:
+        start, end = _timestamp(attempt.get("started")), _timestamp(attempt.get("ended"))
+        if start is None:
+            continue
+        seen = True
+        total += max(0.0, (end if end is not None else time.time()) - start)
+    return round(total, 1) if seen else None
+
+
+def _timestamp(iso: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(iso).timestamp() if iso else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _read_json(path: Path) -> dict | None:

@@ -41,7 +41,8 @@ log = logging.getLogger("studio.queue")
 
 TASK_NAME = "studio.run_job"
 # Higher runs first: a generation (seconds) never waits behind queued trainings (minutes).
-PRIORITY = {"generate": 10, "refine": 0, "evaluate": 5, "train": 0}
+# "caption" before "train": a training queued after its captions never starts without them.
+PRIORITY = {"generate": 10, "caption": 8, "refine": 0, "evaluate": 5, "train": 0}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
 import os
 import secrets
@@ -30,7 +31,16 @@ from pathlib import Path
 
 from studio.diskspace import DiskFullError
 from studio.engine.backbones import clean
-from studio.engine.training import ADAPTER, Observer, StepReport, publish_run, train, training_paused, write_json
+from studio.engine.training import (
+    ADAPTER,
+    Observer,
+    StepReport,
+    publish_run,
+    result_from_checkpoint,
+    train,
+    training_paused,
+    write_json,
+)
 from studio.errors import CancelledError, NotFoundError, StudioError
 from studio.jobs import records as J
 from studio.jobs.jobs import Jobs
@@ -226,6 +236,7 @@ class Worker:
         self.id = f"{self.host}-{self.pid}-{secrets.token_hex(2)}"
         self.started = time.time()
         self.backbones = WarmBackbones()
+        self.captioner = None  # studio.engine.captioner.Captioner, loaded by the first caption job
         self.stop_flag = threading.Event()  # replaced by the consumer's: set on graceful shutdown
         self.active: dict[str, str] = {}  # job_id -> token of the jobs running in this process
         self.lost: set[str] = set()  # jobs whose record says someone else owns them now
@@ -300,6 +311,8 @@ class Worker:
                 self._run_train(record, token, started, observer_step)
             elif record["kind"] == "generate":
                 self._run_generate(record, token, started, backbone)
+            elif record["kind"] == "caption":
+                self._run_caption(record, token)
             else:
                 raise StudioError(f"this worker cannot run {record['kind']!r} jobs")
             ok = True
@@ -331,6 +344,8 @@ class Worker:
         job_id = record["id"]
         run_dir = self.jobs.job_dir(job_id)
         recipe = record["request"].get("recipe") or {}
+        if record["request"].get("auto_caption"):  # captions first: the captioner is gone before the model loads
+            self._caption_training(record, token)
         # Memory tier first: a run that cannot fit is refused here, before any model is loaded.
         from studio.engine.memory import plan_training
 
@@ -345,6 +360,10 @@ class Worker:
                    ("preparing the training" if attempt == 1 else
                     f"resuming from the last checkpoint (attempt {attempt})"))
         result = run_dir / "result"
+        if record.get("finish_at_checkpoint") and not (result / "template.json").exists():
+            # "Save the last checkpoint as a template" (studio.jobs.run_actions): no further training
+            self._note(job_id, token, message="saving the last checkpoint as a template")
+            result_from_checkpoint(backbone, run_dir)
         if not (result / "template.json").exists():  # a finished training is never run twice
             if not (run_dir / "request.json").exists():  # automatic refinement: CLIP picks the images first
                 self._pick_for_refine(record, token, backbone)
@@ -357,7 +376,81 @@ class Worker:
                 observer_step.append((observer.progress.get("step") or 0) + 1)  # the step that failed
                 raise
         info = self._publish(job_id, result, record["name"])
-        self._finish(job_id, token, J.DONE, template_id=info.id, message=f"saved as template {info.name!r}")
+        steps = json.loads((result / "template.json").read_text()).get("steps_done")
+        total = (record["request"].get("recipe") or {}).get("steps")
+        at = f" (the checkpoint of step {steps} of {total})" if record.get("finish_at_checkpoint") else ""
+        self._finish(job_id, token, J.DONE, template_id=info.id, message=f"saved as template {info.name!r}{at}")
+
+    # -- auto-captioning (studio.engine.captioner) ----------------------------------------------
+
+    def _captioner(self, job_id: str, token: str):
+        """The warm captioner (loaded, and downloaded on first use, with the progress in the job's message)."""
+        from studio.engine.captioner import Captioner
+
+        if self.captioner is None:
+            captioner = Captioner()
+            self._note(job_id, token, message=f"loading the captioning model {captioner.source}")
+            captioner.load(on_download=self._download_note(job_id, token, "captioning model: "))
+            self.captioner = captioner
+        return self.captioner
+
+    def drop_captioner(self) -> None:
+        """Free the captioner's memory (before a training loads its backbone)."""
+        if self.captioner is not None:
+            self.captioner.close()
+            self.captioner = None
+            release_memory()
+
+    def _stop_check(self, job_id: str, what: str):
+        folder = self.jobs.job_dir(job_id)
+
+        def check() -> None:
+            if (folder / J.CANCEL_FILE).exists():
+                raise StopJob("cancel", f"cancelled while {what}")
+            if self.stop_flag.is_set():
+                raise StopJob("shutdown")
+            if job_id in self.lost:
+                raise StopJob("lost")
+        return check
+
+    def _run_caption(self, record: dict, token: str) -> None:
+        """A caption job: one content caption per picture into ``captions.json``; cancel works between pictures."""
+        from studio.jobs.caption_jobs import run_caption_job
+
+        job_id = record["id"]
+        folder = self.jobs.job_dir(job_id)
+        total = len(record["request"]["references"])
+        check = self._stop_check(job_id, "captioning")
+        check()
+        captioner = self._captioner(job_id, token)
+
+        def say(message: str) -> None:
+            done = int(message.split()[1]) if message.startswith("captioned ") else 0
+            write_json(folder / J.PROGRESS_FILE, {"step": done, "total": total, "updated": time.time()})
+            self._note(job_id, token, message=message)
+
+        captions = run_caption_job(folder, record.get("style_prompt") or "", captioner, check, say)
+        self._finish(job_id, token, J.DONE, message=f"{sum(1 for c in captions if c)} of {total} picture(s) captioned")
+
+    def _caption_training(self, record: dict, token: str) -> None:
+        """A training asked to auto-caption: caption its uncaptioned references first (typed captions win).
+        Without a captioning model the training goes on with the typed and default captions, saying so."""
+        from studio.jobs.caption_jobs import caption_training_references
+
+        job_id = record["id"]
+        say = lambda message: self._note(job_id, token, message=message)  # noqa: E731
+        try:
+            captions = caption_training_references(self.jobs.job_dir(job_id), lambda: self._captioner(job_id, token),
+                                                   self._stop_check(job_id, "captioning the references"), say)
+        except StudioError as exc:  # no weights, a failed download: train with what there is
+            log.warning("job %s: auto-captioning skipped: %s", job_id, exc)
+            say(f"auto-captioning skipped ({exc}); training with the typed and default captions")
+            captions = None
+        finally:
+            self.drop_captioner()
+        if captions is not None:
+            self.jobs.update(job_id, lambda r: {**r, "request": {**r["request"], "captions": captions}}
+                             if r.get("token") == token and r["state"] == J.RUNNING else None)
 
     def restore_models(self, inline=None) -> None:
         """After a failed or stopped job (and after every training): put the warm model back as loaded.
@@ -447,7 +540,11 @@ class Worker:
             if (folder / J.CANCEL_FILE).exists():
                 raise StopJob("cancel", f"cancelled after {k} of {options.num_images} images")
             one = replace(options, seed=options.seed + k, num_images=1)
-            files = generate(backbone, one, folder / "outputs", template, stem=template_id or "base", mix=mix)
+            try:
+                files = generate(backbone, one, folder / "outputs", template, stem=template_id or "base", mix=mix,
+                                 should_stop=lambda: (folder / J.CANCEL_FILE).exists())
+            except CancelledError:
+                raise StopJob("cancel", f"cancelled while drawing image {k + 1} of {options.num_images}") from None
             names += [f.name for f in files]
             write_json(folder / J.PROGRESS_FILE, {"step": k + 1, "total": options.num_images, "updated": time.time()})
             timing = {"first_image_s": round(time.perf_counter() - started, 3)} if k == 0 else {}

@@ -217,6 +217,17 @@ def fit_to_budget(img: Image.Image, resolution: int, multiple: int = 16) -> Imag
     return img.resize((tw, th), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
 
 
+def crop_fraction(img: Image.Image, box: Sequence[float] | None) -> Image.Image:
+    """The region ``box`` = (left, top, right, bottom) of ``img`` given as fractions 0-1 of its size
+    (checked by :func:`studio.media.captions.check_crop`); None: the whole picture. At least 1 px."""
+    if not box:
+        return img
+    w, h = img.size
+    left, top = min(int(round(box[0] * w)), w - 1), min(int(round(box[1] * h)), h - 1)
+    right, bottom = max(int(round(box[2] * w)), left + 1), max(int(round(box[3] * h)), top + 1)
+    return img.crop((left, top, right, bottom))
+
+
 def make_thumbnail(img: Image.Image, max_side: int = 256) -> Image.Image:
     """Return a copy scaled down (never up) to at most ``max_side`` on the long side."""
     thumb = img.copy()

@@ -229,6 +229,7 @@ RECIPE = {
     "preview_every": integer(0, 100_000),
     "preview_steps": optional(integer(1, 200)),
     "preview_prompt": optional(text(MAX_TEXT)),
+    "preview_prompts": optional(list_of(text(MAX_TEXT), 4)),
     "checkpoint_every": integer(0, 100_000),
     "default_content": text(MAX_TEXT),
 }
@@ -277,6 +278,7 @@ SCHEMA: dict[str, Check] = {
     "captions": list_of(optional(text(MAX_TEXT)), MAX_REFERENCES, keep_positions=True),
     "previews": list_of(rel_path, MAX_PREVIEWS),
     "preview_prompts": list_of(text(MAX_TEXT), 64),
+    "training_prompts": list_of(optional(text(MAX_TEXT)), MAX_REFERENCES, keep_positions=True),
     "thumbnail": rel_path,
     "final_loss": optional(number(-1e12, 1e12)),
     "noise_prior": obj(NOISE_PRIOR),

@@ -6,8 +6,17 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.api import StudioAPI
-from studio.ui import endpoints, gallery_tab, generate_tab, present, served, train_tab
-from studio.ui.common import demo_notice
+from studio.errors import StudioError
+from studio.ui import endpoints, gallery_tab, generate_tab, jobs_tab, present, present_jobs, served, train_tab
+from studio.ui.common import demo_notice, keep_page
+
+
+def train_form(train) -> dict[str, gr.components.Component]:
+    """The Train form's fields that a job's settings fill (by settings key)."""
+    return {"references": train.refs, "style_prompt": train.style, "name": train.name, "sampler": train.sampler,
+            "mu": train.mu, "sigma": train.sigma, "steps": train.steps, "lr": train.lr, "rank": train.rank,
+            "resolution": train.resolution, "seed": train.seed, "offset_noise": train.offset,
+            "preview_every": train.every, "preview_prompt": train.preview_prompt, "noise_prior": train.noise_prior}
 
 
 def build_demo(api: StudioAPI) -> gr.Blocks:
@@ -17,7 +26,7 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
                     "comics and memes with it.", elem_id="app-title")
         notice = demo_notice(api.backbone or "")
         if notice:
-            gr.Markdown(notice, elem_id="demo-notice")
+            gr.HTML(notice, elem_id="demo-notice")
         endpoints.build(api)  # first: the public API names are never taken by a tab's private event
         with gr.Tabs(selected="train") as tabs:
             with gr.Tab("Train", id="train", elem_id="tab-train"):
@@ -26,6 +35,8 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
                 gallery = gallery_tab.build(api)
             with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
                 generate = generate_tab.build(api)
+            with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs") as jobs_page:
+                jobs = jobs_tab.build(api)
 
         def choices(selected=None):
             templates = api.template_list()
@@ -49,6 +60,34 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
         # "You may already have this style": generate with the existing template instead of training.
         train.similar_use.click(go_generate, [train.similar_pick, generate.prompt, generate.style], go_outputs,
                                 api_visibility="private")
+
+        # The Jobs tab lists jobs while it is open (its timer runs only then, and only while one is unfinished).
+        jobs_page.select(jobs.show, [jobs.kind, jobs.pick], jobs.shown, api_visibility="private")
+
+        def jobs_tab_left(evt: gr.SelectData):
+            return gr.Timer(active=False) if evt.value != "Jobs" else gr.skip()
+
+        tabs.select(jobs_tab_left, None, jobs.timer, api_visibility="private", queue=False)
+
+        def follow_resumed(job_id):
+            """The Train tab shows a resumed training (if it is under way: a refused resume changes nothing)."""
+            try:
+                running = bool(job_id) and api.job_status(job_id)["state"] in ("queued", "running")
+            except StudioError:
+                running = False
+            return (job_id, {}, gr.Timer(active=True)) if running else (gr.skip(),) * 3
+
+        jobs.resumed.then(follow_resumed, jobs.pick, train.reattach[2], api_visibility="private")
+        form = train_form(train)
+
+        @keep_page(len(form) + 1, title="Settings not copied")
+        def clone(job_id):
+            """Copy a training's settings (references included) into the Train form and open it."""
+            if not job_id:
+                return (gr.skip(),) * (len(form) + 1)
+            return (gr.Tabs(selected="train"), *present_jobs.form_values(api.job_settings(job_id), list(form)))
+
+        jobs.clone.click(clone, jobs.pick, [tabs, *form.values()], api_visibility="private")
 
         # A round 2 queued in the Gallery's Refine section is a training: the Train tab follows it too.
         def follow(job_id):

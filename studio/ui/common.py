@@ -61,26 +61,51 @@ def keep_page(n_outputs: int, title: str = "Not done") -> Callable[[Callable[...
 
 
 def demo_notice(backbone: str) -> str:
-    """The banner shown while the studio runs on the tiny offline model."""
+    """The banner shown while the studio runs on the tiny offline model: one line, details on a click (on a
+    phone the whole text would fill the first screen). It names the README's start command."""
     if backbone != "tiny":
         return ""
     return (
-        "**Demo mode — tiny offline model.** This machine has no GPU or no downloaded model weights, so the "
-        "studio runs on a *tiny* model (a few MB, trains in seconds on a CPU). Everything works, but it only "
-        "knows simple shapes, colours and landscapes at 64 px, so its pictures are sketches, not art. To train "
-        "real styles, run on an NVIDIA GPU (12 GB+; the studio picks 8-bit or 4-bit weights on smaller cards) with "
-        "FLUX.1-dev or Stable Diffusion 3.5: `hf auth login`, accept the model's licence on the Hub, then "
-        "`python app.py --backbone flux-dev` (or `--backbone sd3.5-large`)."
+        "<details><summary><b>Demo mode — tiny offline model:</b> everything works, but pictures are 64 px "
+        "sketches. <u>How to train real styles</u></summary><p>This machine has no GPU or no downloaded model "
+        "weights, so the studio runs on a <i>tiny</i> model (a few MB, trains in seconds on a CPU). It only knows "
+        "simple shapes, colours and landscapes at 64 px. To train real styles, run on an NVIDIA GPU (12 GB+; the "
+        "studio picks 8-bit or 4-bit weights on smaller cards) with FLUX.1-dev or Stable Diffusion 3.5: "
+        "<code>hf auth login</code>, accept the model's licence on the Hub, then "
+        "<code>./run.sh --backbone flux-dev</code> (or <code>--backbone sd3.5-large</code>).</p></details>"
     )
 
 
 CSS = """
 .gradio-container { max-width: 1400px !important; margin: 0 auto; }
+/* The Train tab's reference grid (studio.ui.references): tiles wrap, the grid scrolls, nothing is clipped. */
+#ref-thumbs.ref-grid { display: block !important; max-height: 720px; overflow-y: auto; padding: 0 !important; }
+#ref-thumbs.ref-grid:not(:has(.ref-tile)) { display: none !important; }
+#ref-thumbs:has(> .ref-tile), #ref-thumbs div:has(> .ref-tile) {
+  display: grid !important; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px;
+  align-items: start; width: 100%; }
+.ref-tile { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 6px !important;
+            background: var(--block-background-fill); min-width: 0 !important; gap: 6px !important; }
+.ref-tile.bad { border-color: #dc2626; background: rgba(220, 38, 38, .06); }
+.ref-tile .tile-img img { object-fit: contain; background: var(--background-fill-secondary); }
+.tile-meta { display: flex; flex-direction: column; font-size: .8em; line-height: 1.3; min-width: 0; }
+.tile-meta b { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.tile-meta span { opacity: .75; }
+.tile-bad { display: flex; flex-direction: column; gap: 4px; font-size: .85em; padding: 6px 4px; min-height: 120px;
+            overflow-wrap: anywhere; }
+.tile-bad span { color: #b91c1c; }
+.tile-bad em { opacity: .75; }
+.ref-tile .tile-caption textarea { font-size: .88em; }
+.tile-actions { gap: 6px !important; flex-wrap: nowrap !important; }
+.tile-actions button { min-width: 0 !important; flex: 1 1 0; }
+#caption-bar { align-items: center; }
+#caption-note p { margin: 0; font-size: .88em; }
 #app-title h1 { margin-bottom: 0; }
 #app-title p { margin-top: 2px; opacity: .8; }
 #demo-notice { border-left: 4px solid #f59e0b; background: rgba(245, 158, 11, .10); padding: 8px 14px;
                border-radius: 8px; }
-#demo-notice p { margin: 0; font-size: .92em; }
+#demo-notice p { margin: 4px 0 0; font-size: .92em; }
+#demo-notice summary { cursor: pointer; font-size: .92em; }
 .job-card { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 12px 14px;
             background: var(--block-background-fill); }
 .job-card.idle { opacity: .85; }
@@ -106,4 +131,10 @@ CSS = """
 #generated .thumbnail-item { aspect-ratio: auto !important; height: auto !important; }
 #generated .thumbnail-item img { height: auto !important; max-height: 600px; object-fit: contain !important; }
 #template-previews .grid-container { grid-template-columns: repeat(auto-fill, minmax(90px, 1fr)) !important; }
+/* the jobs table never widens the page (a phone scrolls the table, not the whole studio) */
+#jobs-table { contain: inline-size; width: 100%; overflow-x: auto; }
+@media (max-width: 600px) { #jobs-table { font-size: .85em; } }
+/* a phone stacks the Train tab: while a job runs its status goes above the form */
+@media (max-width: 700px) {
+  #train-row:has(#job-status .job-card.running, #job-status .job-card.queued) { flex-direction: column-reverse; } }
 """

@@ -1,10 +1,12 @@
 """The public API for ``gradio_client`` (JSON in, JSON or files out), on invisible components.
 
 The tabs' own events are private; these endpoints are the stable, documented surface:
-``/train``, ``/job_status``, ``/cancel``, ``/templates`` (a page), ``/template``, ``/generate``, ``/export_template``,
-``/import_template``, ``/import_hub``, ``/rename_template``, ``/delete_template``,
-``/share_template``; finding styles: ``/search_templates``, ``/similar_templates``, ``/template_scores``;
-refining a template (StyleDrop's round 2): ``/refine_candidates``, ``/refine``.
+``/train``, ``/job_status``, ``/cancel``; the Jobs view: ``/jobs``, ``/resume_job``, ``/save_checkpoint``,
+``/retry_job``, ``/delete_job``, ``/job_settings``; ``/generation_history``; ``/templates`` (a page),
+``/template``, ``/generate``, ``/export_template``, ``/import_template``, ``/import_hub``, ``/rename_template``,
+``/delete_template``, ``/share_template``; finding styles: ``/search_templates``, ``/similar_templates``,
+``/template_scores``; refining a template (StyleDrop's round 2): ``/refine_candidates``, ``/refine``;
+references as a dataset: ``/inspect_references``, ``/auto_caption``, ``/caption_status``, ``/captioner_status``.
 Errors come back as ``gr.Error`` with a readable message.
 """
 
@@ -37,7 +39,9 @@ def build(api: StudioAPI) -> None:
     def train(images, style_prompt, name=None, options=None):
         """Queue a training: images (1-20 files), style prompt, template name ("" = suggested),
         options (dict: preset, steps, lr, rank, sampler, mu, sigma, resolution, seed, offset_noise,
-        noise_prior (true: learn the style's noise prior), preview_every, preview_prompt, backbone, captions).
+        noise_prior (true: learn the style's noise prior), preview_every, preview_prompt, preview_prompts (up to 4
+        sample prompts), backbone, captions (one per image), crops (one [left, top, right, bottom] or null per
+        image), auto_caption (true: caption the uncaptioned images first)).
         Returns the job id."""
         return api.train(images, style_prompt, name, options)
 
@@ -48,6 +52,38 @@ def build(api: StudioAPI) -> None:
     def cancel(job_id):
         """Cancel a queued or running job; returns its status."""
         return api.cancel(job_id)
+
+    def jobs(kind=None, limit=None):
+        """Jobs newest first (kind: train | generate | "" for all; limit 1-500, default 100): id, kind, state,
+        name, step, total_steps, created, started, finished, duration_s, checkpoint_step (last saved step),
+        template_id, error, message, queue_position, cancel_requested."""
+        return api.jobs_list(kind, limit)
+
+    def resume_job(job_id):
+        """Queue a cancelled or failed training again; it goes on from its last checkpoint. Returns its status."""
+        return api.resume_job(job_id)
+
+    def save_checkpoint(job_id):
+        """Save a cancelled or failed training's last checkpoint as a template (follow /job_status until done:
+        its template_id). Returns the job's status."""
+        return api.save_checkpoint(job_id)
+
+    def retry_job(job_id):
+        """Run an ended job again with the same settings; returns the new job id."""
+        return api.retry_job(job_id)
+
+    def delete_job(job_id):
+        """Delete an ended job's folder (a template it made stays): {"deleted", "name", "kind", "freed_bytes"}."""
+        return api.delete_job(job_id)
+
+    def job_settings(job_id):
+        """A training's settings: name, style_prompt, backbone, recipe, captions, references (files)."""
+        return api.job_settings(job_id)
+
+    def generation_history(template_id=None, limit=None):
+        """Pictures made before, newest first (template_id: only that template's; "" for all; limit 1-200,
+        default 24): [{"image" (file), "prompt", "template_id", "job_id", "created"}]."""
+        return api.generation_history(template_id, limit)
 
     def templates(query=None, offset=0, limit=None):
         """One page of templates (newest first), optionally filtered by a search text: {"templates": [id, name,
@@ -122,9 +158,39 @@ def build(api: StudioAPI) -> None:
         Returns the job id (follow it with /job_status)."""
         return api.refine(template_id, images, feedback, options)
 
+    def inspect_references(images, options=None):
+        """Check reference files as they will be trained, one tile each: {file, name, ok, error (one line),
+        thumbnail, width, height, caption (from a .txt beside it)}. options: resolution, crops ([left, top,
+        right, bottom] fractions or null per file). A dataset zip (images + .txt captions) gives one tile per image."""
+        return api.inspect_references(images, options)
+
+    def auto_caption(images, style_prompt=None, options=None):
+        """Queue auto-captioning (content only: the style prompt's words are removed) of these pictures on the
+        worker; options: crops. Returns the job id; follow it with /caption_status, stop it with /cancel."""
+        return api.auto_caption(images, style_prompt, options)
+
+    def caption_status(job_id):
+        """A caption job: {id, state, message, error, done, total, captions (filled in as it goes)}."""
+        return api.caption_status(job_id)
+
+    def captioner_status():
+        """Whether auto-captioning can run here: {available, model, size, note (why not / how to get it)}."""
+        return api.captioner_status()
+
     endpoint(train, [files, text_a, text_b, options], out_text, "train")
+    endpoint(inspect_references, [files, options], out_json, "inspect_references", concurrency_limit=4)
+    endpoint(auto_caption, [files, text_a, options], out_text, "auto_caption")
+    endpoint(caption_status, text_a, out_json, "caption_status", concurrency_limit=None)
+    endpoint(captioner_status, None, out_json, "captioner_status", concurrency_limit=None)
     endpoint(job_status, text_a, out_json, "job_status", concurrency_limit=None)
     endpoint(cancel, text_a, out_json, "cancel", concurrency_limit=None)
+    endpoint(jobs, [text_a, limit], out_json, "jobs", concurrency_limit=None)
+    endpoint(generation_history, [text_a, limit], out_json, "generation_history", concurrency_limit=None)
+    endpoint(resume_job, text_a, out_json, "resume_job")
+    endpoint(save_checkpoint, text_a, out_json, "save_checkpoint")
+    endpoint(retry_job, text_a, out_text, "retry_job")
+    endpoint(delete_job, text_a, out_json, "delete_job")
+    endpoint(job_settings, text_a, out_json, "job_settings", concurrency_limit=None)
     endpoint(templates, [text_a, offset, limit], out_json, "templates", concurrency_limit=None)
     endpoint(template, text_a, out_json, "template", concurrency_limit=None)
     endpoint(generate, [text_a, text_b, text_c, options], out_files, "generate", concurrency_limit=4)

@@ -81,6 +81,10 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                    elem_id="generated", buttons=["download", "fullscreen"])
             ui.files = gr.File(label="Download as PNG (the settings are saved inside each file)",
                                file_count="multiple", interactive=False, elem_id="generated-files", visible=False)
+            ui.history = gr.Gallery(label="Earlier pictures with this template — newest first (each PNG keeps its "
+                                          "settings)", columns=6, height=170, object_fit="cover", format="png",
+                                    allow_preview=True, elem_id="gen-history", buttons=["download", "fullscreen"],
+                                    visible=False)
     ui.style = gr.State("")  # the selected template's style prompt (to swap the prompt's ending)
 
     def mix_dropdown(template_id, mix_with):
@@ -97,6 +101,12 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 gr.Checkbox(value=False, interactive=can_prior, info=prior_info),
                 gr.Slider(label=gen_options.main_label(t["name"] if t else None)))
 
+    def history(template_id):
+        """The template's earlier pictures (kept in their job folders: they survive a restart)."""
+        items = present.history_items(api.generation_history(template_id or None))
+        return gr.Gallery(value=items or None, visible=bool(items))
+
+    ui.template.change(history, ui.template, ui.history, api_visibility="private")
     ui.template.change(on_template, [ui.template, ui.prompt, ui.style, ui.mix_with],
                        [ui.prompt, ui.style, ui.mix_with, ui.prior, ui.mix_main], api_visibility="private")
     # New templates appear in the mix list whenever it is opened.
@@ -146,5 +156,6 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.go.click(run, [ui.template, ui.mode, ui.prompt, ui.panels, ui.layout, ui.gutter, ui.border, ui.single,
                       ui.top, ui.bottom, ui.meme_style, ui.scale, ui.aspect, ui.count, ui.seed, ui.steps,
                       ui.guidance, ui.mix_with, ui.mix_scale, ui.schedule, ui.blend, ui.prior],
-                [ui.result, ui.files], api_visibility="private", concurrency_limit=4)
+                [ui.result, ui.files], api_visibility="private", concurrency_limit=4
+                ).then(history, ui.template, ui.history, api_visibility="private")
     return ui

@@ -71,7 +71,8 @@ def status_html(status: dict | None) -> str:
     if state in ("queued", "running") and status.get("cancel_requested"):
         label, message = "Cancelling…", "stopping at the next step or preview image; the last checkpoint is kept"
     return (
-        f'<div class="job-card {state}" data-title="{html.escape(tab_title(status))}">'
+        f'<div class="job-card {state}" data-title="{html.escape(tab_title(status))}" '
+        f'data-checkpoint="{int(status.get("checkpoint_step") or 0)}">'
         f'<div class="job-head"><span class="badge {state}">{html.escape(label)}</span> '
         f'<b>{name}</b> <span class="job-meta">{" · ".join(html.escape(p) for p in parts)}</span></div>'
         f'<div class="bar" role="progressbar" aria-valuenow="{pct:.0f}" aria-valuemin="0" aria-valuemax="100">'
@@ -205,7 +206,18 @@ def template_card(t: dict | None) -> str:
     lines.append(" · ".join(meta))
     if t.get("lineage"):
         lines.append(lineage_text(t["lineage"]))
+    if any(t.get("captions") or []):
+        shown = [f"{i + 1}. {_md_text(c) if c else '*(no caption: “an image”)*'}" for i, c in enumerate(t["captions"])]
+        lines.append("**Captions** (what each reference shows; trained as “caption in style”):\n\n"
+                     + "\n".join(shown))
+    if t.get("preview_prompts"):
+        lines.append("**Sample prompts:** " + " · ".join(_md_text(p) for p in t["preview_prompts"]))
     return "\n\n".join(lines)
+
+
+def _md_text(text: str) -> str:
+    """A user's text inside Markdown: its markup characters shown as they are."""
+    return re.sub(r"([\\`*_{}\[\]<>()#+!|~])", r"\\\1", str(text))
 
 
 def template_choices(templates: list[dict]) -> list[tuple[str, str]]:
@@ -358,3 +370,13 @@ def picked_items(lineage: dict | None) -> list[tuple[str, str]]:
             caption += f" · style {entry.get('style', 0):.2f} × prompt {entry.get('text', 0):.2f}"
         items.append((entry["image"], caption))
     return items
+
+
+def history_items(entries: list[dict]) -> list[tuple[str, str]]:
+    """The Generate tab's history strip: (picture, "prompt · time")."""
+    out = []
+    for entry in entries:
+        prompt = entry.get("prompt") or ""
+        prompt = prompt if len(prompt) <= 60 else prompt[:59] + "…"
+        out.append((entry["image"], f"{prompt} · {fmt_date(entry.get('created'))}".strip(" ·")))
+    return out

@@ -13,11 +13,14 @@ from types import SimpleNamespace
 import gradio as gr
 
 from studio.api import StudioAPI, preview_prompts_of, suggest_name
-from studio.engine.recipe import PRESETS, Recipe
+from studio.engine.recipe import MAX_PREVIEW_PROMPTS, PRESETS, Recipe
 from studio.errors import StudioError
 from studio.jobs.records import FINAL
 from studio.ui import present
 from studio.ui.common import keep_page
+from studio.ui.references import captions_hint, tile_caption, tile_view, wire_references
+
+PREVIEW_PROMPTS = preview_prompts_of(None)  # the paper's three, what the sample boxes start with
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "assets" / "examples"
 STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render, soft clay", "ukiyo-e woodblock print",
@@ -29,6 +32,14 @@ RESOLUTIONS = [("Model default", "auto"), ("512 px", "512"), ("768 px", "768"), 
 ASK_NOTIFY_JS = """(...args) => {
   if (window.Notification && Notification.permission === "default") { Notification.requestPermission(); }
   return args;
+}"""
+# Past its first checkpoint a run is worth something: Cancel asks once (a "no" sends no job id: nothing happens).
+CONFIRM_CANCEL_JS = """(job) => {
+  const card = document.querySelector("#job-status [data-checkpoint]");
+  const saved = card ? Number(card.dataset.checkpoint) : 0;
+  if (!job || !saved) { return job; }
+  return confirm(`Cancel this training? It is saved at step ${saved}: the Jobs tab can resume it from there ` +
+                 `or keep it as a template.`) ? job : "";
 }"""
 # The tab title follows the status card (its data-title), whichever event redrew the card; when a run
 # this page watched ends, a notification says so (if allowed). Installed once when the page loads.
@@ -64,13 +75,41 @@ def build(api: StudioAPI) -> SimpleNamespace:
     """Lay out the Train tab and wire its own events; returns its components."""
     ui = SimpleNamespace()
     steps0, every0, res0 = _preset_values("paper")
-    with gr.Row(equal_height=False):
+    with gr.Row(equal_height=False, elem_id="train-row"):  # on a phone the status comes first while a job runs
         with gr.Column(scale=5, min_width=320):
             gr.Markdown("### 1 · Reference images")
-            ui.refs = gr.File(label="Drop 1–20 images of the style here (PNG, JPEG, WebP…)", file_count="multiple",
-                              file_types=["image"], elem_id="ref-images", height=150)
-            ui.thumbs = gr.Gallery(label="Your references", columns=6, height=150, object_fit="cover",
-                                   allow_preview=False, visible=False, elem_id="ref-thumbs", buttons=[])
+            ui.refs = gr.File(label="Drop 1–20 images of the style here (PNG, JPEG, WebP…, or a dataset .zip with "
+                                    ".txt captions)", file_count="multiple", file_types=["image", ".zip"],
+                              elem_id="ref-images", height=120)
+            ui.tiles = gr.State([])  # one dict per dropped picture (reference_tile + key, crop, auto caption)
+            ui.typed = gr.State({})  # tile key -> the caption the user typed (always wins)
+            ui.caption_job = gr.State({})  # {"id": caption job, "keys": [tile keys in its order], "shown": n}
+            with gr.Row(elem_id="ref-thumbs", elem_classes="ref-grid"):
+                @gr.render(inputs=[ui.tiles, ui.typed], triggers=[ui.tiles.change])
+                def grid(tiles, typed):
+                    for tile in tiles or []:
+                        tile_view(ui, tile, typed or {})
+            captioner = api.captioner_status()
+            with gr.Row(elem_id="caption-bar", equal_height=True):
+                ui.auto_caption = gr.Button("Auto-caption the empty boxes", elem_id="auto-caption", size="sm",
+                                            interactive=captioner["available"], scale=0, min_width=220)
+                ui.caption_stop = gr.Button("Stop captioning", elem_id="caption-stop", size="sm", visible=False,
+                                            variant="stop", scale=0, min_width=140)
+                ui.caption_note = gr.Markdown(captions_hint(captioner), elem_id="caption-note")
+            with gr.Group(visible=False, elem_id="crop-panel") as ui.crop_panel:
+                ui.crop_key = gr.State("")
+                ui.crop_title = gr.Markdown(elem_id="crop-title", padding=True)
+                with gr.Row():
+                    ui.crop_left = gr.Slider(0, 95, value=0, step=1, label="Left edge %", elem_id="crop-left")
+                    ui.crop_right = gr.Slider(5, 100, value=100, step=1, label="Right edge %", elem_id="crop-right")
+                with gr.Row():
+                    ui.crop_top = gr.Slider(0, 95, value=0, step=1, label="Top edge %", elem_id="crop-top")
+                    ui.crop_bottom = gr.Slider(5, 100, value=100, step=1, label="Bottom edge %", elem_id="crop-bottom")
+                with gr.Row():
+                    ui.crop_apply = gr.Button("Apply crop", variant="primary", size="sm", elem_id="crop-apply")
+                    ui.crop_reset = gr.Button("Whole picture", size="sm", elem_id="crop-reset")
+                    ui.crop_close = gr.Button("Close", size="sm", elem_id="crop-close")
+            ui.caption_timer = gr.Timer(1.0, active=False)
             # "You may already have this style": templates that look like the references (studio.styles.retrieval)
             with gr.Group(visible=False, elem_id="similar-box") as ui.similar_box:
                 ui.similar_note = gr.Markdown(elem_id="similar-note", padding=True)
@@ -105,16 +144,21 @@ def build(api: StudioAPI) -> SimpleNamespace:
                     ui.resolution = gr.Dropdown(RESOLUTIONS, value=res0, label="Resolution", elem_id="resolution")
                     ui.seed = gr.Number(0, label="Seed", precision=0)
                     ui.offset = gr.Slider(0.0, 0.1, value=0.0, step=0.01, label="Offset noise")
-                with gr.Row():
-                    ui.every = gr.Number(every0, label="Preview every N steps (0: off)", precision=0, minimum=0,
-                                         elem_id="preview-every")
-                    ui.preview_prompt = gr.Textbox(label="Extra preview prompt (optional)",
-                                                   placeholder="e.g. a lighthouse at dusk", max_lines=1)
+                ui.every = gr.Number(every0, label="Preview every N steps (0: off)", precision=0, minimum=0,
+                                     elem_id="preview-every")
                 ui.noise_prior = gr.Checkbox(
                     False, label="Style noise prior", elem_id="train-noise-prior",
                     info="Also learn the references' average colours and layout as the starting noise of a picture. "
                          "Tick “Start from the style's noise prior” on the Generate tab to use it. Helps styles "
                          "with a strong palette; off in the paper's recipe.")
+            with gr.Accordion("Sample prompts — what the previews draw", open=False, elem_id="sample-prompts"):
+                gr.Markdown("Up to four subjects drawn in your style at fixed seeds while it trains, and kept with "
+                            "the template (a Refine or a re-train draws them again). Empty boxes are skipped.",
+                            elem_classes="hint")
+                ui.samples = [gr.Textbox(value=PREVIEW_PROMPTS[i] if i < len(PREVIEW_PROMPTS) else "",
+                                         label=f"Sample {i + 1}", max_lines=1, elem_id=f"sample-prompt-{i}",
+                                         placeholder="e.g. a lighthouse at dusk") for i in range(MAX_PREVIEW_PROMPTS)]
+                ui.preview_prompt = ui.samples[-1]  # the fourth box: a job's extra preview prompt goes here
             ui.train = gr.Button("Train", variant="primary", size="lg", elem_id="train-button")
         with gr.Column(scale=7, min_width=320):
             gr.Markdown("### Training")
@@ -138,11 +182,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.finished = gr.State("")  # id of the template the last finished job made (app wiring listens)
     ui.timer = gr.Timer(1.0, active=False)
 
-    def show_refs(files):
-        paths = [str(f) for f in files or []]
-        return gr.Gallery(value=paths or None, visible=bool(paths), label=f"Your references ({len(paths)})")
-
-    ui.refs.change(show_refs, ui.refs, ui.thumbs, api_visibility="private", queue=False)
+    wire_references(api, ui)
 
     ui.similar_found = gr.State([])  # [[id, name], ...] of the tiles in ui.similar
     ui.similar_pick = gr.State("")  # the template "Use it instead" opens (app wiring listens)
@@ -150,10 +190,10 @@ def build(api: StudioAPI) -> SimpleNamespace:
     def use_label(name: str) -> gr.Button:
         return gr.Button(value=f"Use “{name}” instead →")
 
-    def find_similar(files):
+    def find_similar(tiles):
         """After an upload: the templates that already look like these references; none: the box hides."""
         found: dict = {"results": []}
-        paths = [str(f) for f in files or []]
+        paths = [t["file"] for t in tiles or [] if t["ok"]]
         if paths:
             try:
                 found = api.similar_templates(paths)
@@ -164,7 +204,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
                 present.search_items(found) or None, shown,
                 shown[0][0] if shown else "", use_label(shown[0][1]) if shown else gr.skip())
 
-    ui.refs.change(find_similar, ui.refs, [ui.similar_box, ui.similar_note, ui.similar, ui.similar_found,
+    ui.tiles.change(find_similar, ui.tiles, [ui.similar_box, ui.similar_note, ui.similar, ui.similar_found,
                                            ui.similar_pick, ui.similar_use],
                    api_visibility="private", trigger_mode="always_last")
 
@@ -188,24 +228,36 @@ def build(api: StudioAPI) -> SimpleNamespace:
                      queue=False)
 
     @keep_page(9, title="Training not started")
-    def start(files, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed, offset, every,
-              preview_prompt, noise_prior=False):
+    def start(tiles, typed, caption_job, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed,
+              offset, every, noise_prior, *samples):
         # sigma empty (or 0): the backbone family's paper default
         options = {"preset": preset, "sampler": sampler, "mu": mu, "sigma": sigma or None, "steps": steps, "lr": lr,
                    "rank": rank, "resolution": None if resolution in (None, "auto") else int(resolution),
-                   "seed": seed, "offset_noise": offset, "preview_every": every,
-                   "preview_prompt": (preview_prompt or "").strip() or None, "noise_prior": bool(noise_prior)}
+                   "seed": seed, "offset_noise": offset, "preview_every": every, "noise_prior": bool(noise_prior)}
         options = {k: (int(v) if k in ("steps", "rank", "seed", "preview_every") and v is not None else v)
-                   for k, v in options.items() if v is not None or k == "preview_prompt"}
-        job_id = api.train(files, style, name, options)
+                   for k, v in options.items() if v is not None}
+        prompts = [" ".join((p or "").split()) for p in samples]
+        if [p for p in prompts if p] != list(PREVIEW_PROMPTS):
+            options["preview_prompts"] = [p for p in prompts if p] or None
+        good = [t for t in tiles or [] if t["ok"]]
+        options["captions"] = [tile_caption(t, typed or {}) for t in good]
+        options["crops"] = [t.get("crop") for t in good]
+        # Captions still being written: the training captions the empty ones itself, before it starts.
+        if caption_job.get("id") and any(not c for c in options["captions"]):
+            try:
+                options["auto_caption"] = api.caption_status(caption_job["id"])["state"] in ("queued", "running")
+            except StudioError:
+                pass
+        job_id = api.train([t["file"] for t in good], style, name, options)
         status = api.job_status(job_id)
         return (job_id, present.status_html(status), gr.Button(visible=True), gr.Button(visible=False),
                 None, present.t_frame([], status.get("request", {}).get("recipe"), status.get("backbone")),
                 [], {"job": job_id}, gr.Timer(active=True))
 
     panel = [ui.status, ui.cancel, ui.use, ui.loss, ui.tplot, ui.previews, ui.shown, ui.timer]
-    ui.train.click(start, [ui.refs, ui.style, ui.name, ui.preset, ui.sampler, ui.mu, ui.sigma, ui.steps, ui.lr,
-                           ui.rank, ui.resolution, ui.seed, ui.offset, ui.every, ui.preview_prompt, ui.noise_prior],
+    ui.train.click(start, [ui.tiles, ui.typed, ui.caption_job, ui.style, ui.name, ui.preset, ui.sampler, ui.mu,
+                           ui.sigma, ui.steps, ui.lr, ui.rank, ui.resolution, ui.seed, ui.offset, ui.every,
+                           ui.noise_prior, *ui.samples],
                    [ui.job] + panel, api_visibility="private", concurrency_limit=4, js=ASK_NOTIFY_JS)
 
     def render(job_id, shown):
@@ -243,7 +295,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             api.cancel(job_id)
         return present.status_html(api.job_status(job_id)) if job_id else gr.skip()
 
-    ui.cancel.click(cancel, ui.job, ui.status, api_name="ui_cancel", api_visibility="private")
+    ui.cancel.click(cancel, ui.job, ui.status, api_name="ui_cancel", api_visibility="private", js=CONFIRM_CANCEL_JS)
 
     def reattach(job_id):
         """Page (re)load: the running training wins, else the job this browser showed last."""

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from studio.engine.backbones.quantize import ENCODER_BITS, ENCODER_PLACEMENTS
-from studio.errors import InputError
+from studio.errors import CancelledError, InputError
 
 Cond = dict[str, torch.Tensor]  # a prompt's text conditioning, family-specific keys
 PROMPT_CACHE_BYTES = 256 * 2**20  # ~60 FLUX prompts (512 x 4096 bf16 each), ~170 SD3 ones
@@ -146,6 +146,17 @@ def same_device(a: torch.device | str, b: torch.device | str) -> bool:
     """Whether two devices are the same one (``cuda`` and ``cuda:0`` count as the same)."""
     a, b = torch.device(a), torch.device(b)
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def stop_between_steps(should_stop: Callable[[], bool]):
+    """A pipeline ``callback_on_step_end`` that abandons the picture when ``should_stop()`` says so."""
+
+    def callback(pipe, step: int, timestep, kwargs: dict) -> dict:
+        if should_stop():
+            raise CancelledError(f"cancelled after denoising step {step + 1}")
+        return kwargs
+
+    return callback
 
 
 def default_device() -> torch.device:
@@ -348,8 +359,11 @@ class Backbone(ABC):
     @torch.no_grad()
     def generate(self, cond: Cond, *, seed: int, steps: int | None = None, guidance: float | None = None,
                  width: int | None = None, height: int | None = None, negative: Cond | None = None,
-                 latents: torch.Tensor | None = None) -> Image.Image:
+                 latents: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None) -> Image.Image:
         """One image from precomputed conditioning, with the pipeline's own sampler.
+
+        ``should_stop`` is asked after every denoising step; when it says yes the image is abandoned
+        with :class:`studio.errors.CancelledError` (a cancel waits for one step, not for the picture).
 
         While a training has the text encoders off the GPU, diffusers releases before
         huggingface/diffusers#14383 (our requirements allow them) take the pipeline's device from
@@ -361,7 +375,8 @@ class Backbone(ABC):
         pipeline_device = getattr(self.pipe, "_execution_device", None) or self.pipe.device
         if not same_device(pipeline_device, self.device):
             return self.generate_stepwise(cond, seed=seed, steps=steps, guidance=guidance, width=width,
-                                          height=height, negative=negative, latents=latents)
+                                          height=height, negative=negative, latents=latents,
+                                          should_stop=should_stop)
         size = self.default_resolution
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         guidance = self.default_guidance if guidance is None else guidance
@@ -370,19 +385,24 @@ class Backbone(ABC):
             num_inference_steps=steps or self.default_steps,
             width=width or size, height=height or size,
             generator=generator, latents=latents, output_type="pil",
+            callback_on_step_end=stop_between_steps(should_stop) if should_stop else None,
+            callback_on_step_end_tensor_inputs=[],
         )
         return result.images[0]
 
     @torch.no_grad()
     def generate_stepwise(self, cond: Cond, *, seed: int, steps: int | None = None, guidance: float | None = None,
                           width: int | None = None, height: int | None = None, negative: Cond | None = None,
-                          latents: torch.Tensor | None = None) -> Image.Image:
+                          latents: torch.Tensor | None = None,
+                          should_stop: Callable[[], bool] | None = None) -> Image.Image:
         """:meth:`generate` through :meth:`prepare_sampling`: the pipeline's loop, our device placement."""
         run = self.prepare_sampling(cond, seed=seed, steps=steps, guidance=guidance, width=width, height=height,
                                     negative=negative, latents=latents)
         x = run.latents
-        for t in run.timesteps:
+        for i, t in enumerate(run.timesteps):
             x = self.pipe.scheduler.step(run.velocity(x, t), t, x, return_dict=False)[0]
+            if should_stop is not None and should_stop():
+                raise CancelledError(f"cancelled after denoising step {i + 1} of {len(run.timesteps)}")
         return run.decode(x)
 
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:

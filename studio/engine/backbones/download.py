@@ -275,8 +275,12 @@ def _log_progress(progress: DownloadProgress) -> None:
 def ensure_downloaded(repo_id: str, *, revision: str | None = None,
                       on_progress: Callable[[DownloadProgress], None] | None = None,
                       cache_dir: str | Path | None = None, retries: int = 3, retry_wait_s: float = 2.0,
-                      interval_s: float = 0.5) -> Path:
+                      interval_s: float = 0.5, index_file: str | None = None,
+                      select: Callable[[list, Path], list] | None = None) -> Path:
     """Make sure the diffusers pipeline ``repo_id`` is complete in the Hugging Face cache; its snapshot folder.
+
+    Another kind of repository (a transformers model) names its first, small file ``index_file``
+    (e.g. ``config.json``) and ``select(siblings, index_path)`` picks the files it needs.
 
     Nothing is transferred for files already in the cache. Before downloading the rest, the free space
     on the cache's disk is checked (:class:`studio.diskspace.DiskFullError` with the numbers).
@@ -312,9 +316,12 @@ def ensure_downloaded(repo_id: str, *, revision: str | None = None,
 
     # The small index first: it names the components, and a gated repo refuses here. Asking for the
     # branch (not the commit) records refs/<branch> in the cache, so offline loads find the snapshot.
-    index_path = fetch(INDEX_FILE, revision or "main")
+    index_path = fetch(index_file or INDEX_FILE, revision or "main")
     pinned = index_path.parent.name  # the commit: every other file comes from the same one
-    files = select_files(info.siblings or [], json.loads(index_path.read_text()))
+    if select is not None:
+        files = select(info.siblings or [], index_path)
+    else:
+        files = select_files(info.siblings or [], json.loads(index_path.read_text()))
     missing = [s for s in files if not _in_cache(storage, pinned, s)]
     remaining = sum(int(s.size or 0) for s in missing)
     if not missing:
