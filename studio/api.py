@@ -566,6 +566,16 @@ class StudioAPI:
         statuses = self._wait(jobs, progress or (lambda _msg: None))
         return [Path(s["outputs"][0]) for s in statuses]
 
+    def automatic_feedback(self) -> dict:
+        """Whether "let CLIP choose" can run here: {"available": bool, "reason": why not, with how to fix it}."""
+        from studio.styles import refine
+
+        try:
+            refine.check_scorer()
+        except StudioError as exc:
+            return {"available": False, "reason": str(exc)}
+        return {"available": True, "reason": ""}
+
     def refine(self, template_id: str, images: Any = None, feedback: str | None = None,
                options: dict | None = None) -> str:
         """Queue round 2 of a template; returns the training job's id (watch it with :meth:`job_status`).

@@ -105,3 +105,17 @@ def test_cancel_is_seen_between_denoising_steps(tiny_backbone, template, tmp_pat
     again = generate(tiny_backbone, GenerateOptions(prompt="a cow", steps=4, seed=1), tmp_path / "a")[0]
     fresh = generate(tiny_backbone, GenerateOptions(prompt="a cow", steps=4, seed=1), tmp_path / "b")[0]
     assert np.array_equal(pixels(again), pixels(fresh))
+
+
+def test_the_parameters_text_names_every_lora_and_the_schedule():
+    from studio.engine.generation import parameters_text
+
+    base = {"final_prompt": "a boat in ink style", "steps": 20, "guidance": 3.5, "seed": 4, "width": 64, "height": 64,
+            "backbone": "tiny", "template": "ink", "lora_scale": 1.0}
+    plain = parameters_text(base)
+    assert "LoRA: ink @ 1.0, Model: tiny" in plain and "schedule" not in plain
+    mixed = parameters_text({**base, "mix": [{"template": "neon", "scale": 0.5}], "style_schedule": 0.4,
+                             "fusion_weight": 0.7, "noise_prior": True})
+    assert "LoRA: ink @ 1.0, neon @ 0.5" in mixed and "Style schedule: first 40% of the steps" in mixed
+    assert "Fusion weight: 0.7" in mixed and "Noise prior" in mixed
+    assert "LoRA: none" in parameters_text({**base, "template": None})

@@ -201,6 +201,7 @@ def test_without_the_metric_models_text_finds_names_and_images_say_why(store, no
     with pytest.raises(RetrievalUnavailable, match="needs the metric models") as info:
         index.search_images([query_file(tmp_path, RED)])
     assert "hf download openai/clip-vit-base-patch32" in str(info.value)
+    assert str(info.value).count("hf download openai/clip-vit-base-patch32") == 1  # said once, not twice
     # a bad query file is reported as such, before anything about models
     text = tmp_path / "notes.txt"
     text.write_text("hello")

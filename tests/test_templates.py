@@ -212,6 +212,18 @@ def test_list_is_newest_first_and_searchable(store):
     assert len(store.list("  ")) == 3
 
 
+def test_an_import_is_listed_as_new_whenever_it_was_trained(store, tmp_path):
+    """Imported templates sort by when they came into this store, not by their (old) training date."""
+    old = TemplateStore(tmp_path / "elsewhere")
+    add(old, "Vintage", created="2020-01-01T00:00:00+00:00")
+    zipped = old.export_zip("vintage", tmp_path / "out")
+    add(store, "Fresh")
+    time.sleep(1.1)  # the stores' times have one-second steps
+    imported = store.import_file(zipped)
+    assert imported.meta["created"] == "2020-01-01T00:00:00+00:00" and imported.meta["added"] > "2026"
+    assert [i.name for i in store.list()] == ["Vintage", "Fresh"]
+
+
 def test_damaged_folders_are_skipped_with_a_warning(store, caplog):
     add(store, "Good")
     root = store.root
@@ -305,7 +317,8 @@ def test_export_zip_import_round_trip(store, tmp_path):
     assert imported.id == "zip-me" and imported.name == "Zip Me"
     for rel in names:
         assert (imported.path / rel).read_bytes() == (info.path / rel).read_bytes() or rel == "template.json"
-    assert {k: v for k, v in imported.meta.items() if k != "id"} == {k: v for k, v in info.meta.items() if k != "id"}
+    same = {k: v for k, v in imported.meta.items() if k not in ("id", "added")}
+    assert same == {k: v for k, v in info.meta.items() if k not in ("id", "added")}
     again = store.import_file(path)  # same store: the name and the id get a suffix
     assert again.name == "Zip Me (2)" and again.id == "zip-me-2"
     assert again.previews and again.references and again.thumbnail

@@ -288,15 +288,28 @@ def check_request(options: GenerateOptions, template: tuple[Path, dict] | None, 
     return NoisePrior.load(folder) if options.noise_prior else None
 
 
+def parameters_text(params: dict) -> str:
+    """The A1111-style "parameters" line other tools read: every LoRA that drew the picture (mixed-in
+    templates too), and the style schedule, fusion and noise prior when they were used."""
+    loras = [f"{params.get('template')} @ {params.get('lora_scale')}"] if params.get("template") else []
+    loras += [f"{m.get('template')} @ {m.get('scale')}" for m in params.get("mix") or []]
+    extra = []
+    if params.get("style_schedule") not in (None, 1, 1.0):
+        extra.append(f"Style schedule: first {params['style_schedule']:.0%} of the steps")
+    if params.get("fusion_weight") not in (None, 1, 1.0):
+        extra.append(f"Fusion weight: {params['fusion_weight']}")
+    if params.get("noise_prior"):
+        extra.append("Noise prior: the template's")
+    return (f"{params['final_prompt']}\nSteps: {params['steps']}, Sampler: flow-match Euler, "
+            f"Guidance: {params['guidance']}, Seed: {params['seed']}, Size: {params['width']}x{params['height']}, "
+            f"LoRA: {', '.join(loras) or 'none'}, " + "".join(f"{e}, " for e in extra)
+            + f"Model: {params.get('backbone')}")
+
+
 def save_png(image: Image.Image, path: Path, params: dict) -> None:
     """Save a PNG atomically with its generation parameters in text chunks."""
     info = PngInfo()
-    info.add_text("parameters", (
-        f"{params['final_prompt']}\nSteps: {params['steps']}, Sampler: flow-match Euler, "
-        f"Guidance: {params['guidance']}, Seed: {params['seed']}, "
-        f"Size: {params['width']}x{params['height']}, LoRA: {params.get('template')} "
-        f"@ {params.get('lora_scale')}, Model: {params.get('backbone')}"
-    ))
+    info.add_text("parameters", parameters_text(params))
     info.add_text("studio", json.dumps(params))
     tmp = path.with_name(f".{path.name}.tmp")
     image.save(tmp, format="PNG", pnginfo=info)

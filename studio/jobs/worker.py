@@ -46,6 +46,7 @@ from studio.jobs import records as J
 from studio.jobs.jobs import Jobs
 from studio.jobs.queue import Settings
 from studio.jobs.records import now_iso
+from studio.media.images import slugify
 
 log = logging.getLogger("studio.jobs.worker")
 
@@ -536,12 +537,14 @@ class Worker:
             backbone, load_s = self.backbones.get(record["backbone"], on_download=self._download_note(job_id, token))
             self._note(job_id, token, load_s=round(load_s, 3), backbone_loads=self.backbones.loads)
         names: list[str] = []
+        # Files are named after the template as it is called now (a renamed template keeps its id)
+        stem = slugify(template[1].get("name") or template_id) if template else "base"
         for k in range(options.num_images):  # one image at a time: cancel works between images
             if (folder / J.CANCEL_FILE).exists():
                 raise StopJob("cancel", f"cancelled after {k} of {options.num_images} images")
             one = replace(options, seed=options.seed + k, num_images=1)
             try:
-                files = generate(backbone, one, folder / "outputs", template, stem=template_id or "base", mix=mix,
+                files = generate(backbone, one, folder / "outputs", template, stem=stem, mix=mix,
                                  should_stop=lambda: (folder / J.CANCEL_FILE).exists())
             except CancelledError:
                 raise StopJob("cancel", f"cancelled while drawing image {k + 1} of {options.num_images}") from None

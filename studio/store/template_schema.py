@@ -274,6 +274,7 @@ SCHEMA: dict[str, Check] = {
     "memory_tier": text(8, ("bf16", "fp8", "int8", "nf4")),
     "steps_done": integer(0, 10**7),
     "created": timestamp,
+    "added": timestamp,  # when it came into this store (an import: the import's time)
     "references": list_of(rel_path, MAX_REFERENCES),
     "captions": list_of(optional(text(MAX_TEXT)), MAX_REFERENCES, keep_positions=True),
     "previews": list_of(rel_path, MAX_PREVIEWS),

@@ -92,8 +92,13 @@ def _check_finite_lora(path: Path) -> None:
                          "the training diverged; it is not saved as a template")
 
 
-def _created_ts(meta: dict) -> float:
-    value = meta.get("created")
+def _created_ts(meta: dict) -> tuple[float, float]:
+    """The listing's order, newest first: when the template came into this store (``added``: an import is
+    new here, whenever it was trained), then when it was made."""
+    return _timestamp(meta.get("added")), _timestamp(meta.get("created"))
+
+
+def _timestamp(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str):
@@ -283,6 +288,7 @@ class TemplateStore:
         meta["name"] = name
         if not isinstance(meta.get("created"), str):
             meta["created"] = now_iso()
+        meta["added"] = now_iso()
         base = slugify(name)
         for n in range(1, 10_000):
             template_id = base if n == 1 else f"{base}-{n}"

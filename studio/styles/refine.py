@@ -361,9 +361,9 @@ def check_scorer(scorer=None) -> None:
     scorer = scorer or StyleScorer(download=False)
     ok, reason = scorer.available()
     if not ok:
+        how = "" if "hf download" in reason else f" (download them, or set {CLIP_ENV} / {DINO_ENV} to local copies)"
         raise InputError(f"automatic feedback needs the CLIP and DINO metric models, which are not available "
-                         f"here: {reason}. Pick your favourites by hand instead, or download the models "
-                         f"(or set {CLIP_ENV} / {DINO_ENV} to local copies).")
+                         f"here: {reason}. Pick your favourites by hand instead{how}.")
 
 
 # -- automatic feedback (the worker or the CLI: loads models) --------------------------------------

@@ -169,8 +169,10 @@ class StyleIndex:
     def _require(self) -> None:
         ok, reason = self.available()
         if not ok:
+            # the reason already says how to get each missing model; the general hint only when it does not
+            hint = "" if "hf download" in reason else f"; {MODELS_HINT}"
             raise RetrievalUnavailable(f"finding styles by look needs the metric models, which are not here "
-                                       f"({reason}); {MODELS_HINT}")
+                                       f"({reason}){hint}")
 
     @property
     def folder(self) -> Path:

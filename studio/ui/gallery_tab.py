@@ -213,7 +213,8 @@ def build(api: StudioAPI) -> SimpleNamespace:
         elif (repo or "").strip():
             t = api.import_hub(repo, token)
         else:
-            raise gr.Error("Choose a .zip / .safetensors file, or type a Hugging Face repo id.")
+            raise gr.Error("Choose a .zip / .safetensors file, or type a Hugging Face repo id.",
+                           print_exception=False)  # a plain input error: nothing for the server log
         gr.Info(f"Imported “{t['name']}”.")
         return refresh(query, t["id"], image) + (None, "", "")
 
@@ -223,7 +224,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
     @guard
     def share(template_id, repo, token, private):
         if not template_id:
-            raise gr.Error("Select a template first.")
+            raise gr.Error("Select a template first.", print_exception=False)
         url = api.share(template_id, repo, token, private)["url"]
         return f"Shared: [{url}]({url})", ""  # the token field is cleared
 

@@ -66,11 +66,20 @@ def build(api: StudioAPI) -> SimpleNamespace:
     ui.show = show
     ui.refresh.click(show, [ui.kind, ui.pick], ui.shown, api_visibility="private")
     ui.kind.change(show, [ui.kind, ui.pick], ui.shown, api_visibility="private")
-    ui.timer.tick(show, [ui.kind, ui.pick], ui.shown, api_visibility="private")
 
     def picked(job_id, rows):
         row = next((r for r in rows or [] if r["id"] == job_id), None)
         return pj.job_details(row), *buttons_for(row)
+
+    def tick(kind):
+        """A timer refresh never touches the picked job (a click may have changed it since the tick began):
+        the list and the picker's choices first, then the details of whatever is picked by then."""
+        rows = api.jobs_list(kind or None)
+        return (pj.jobs_frame(rows), gr.Dropdown(choices=pj.job_choices(rows)), rows,
+                gr.Timer(active=pj.has_unfinished(rows)))
+
+    ui.timer.tick(tick, ui.kind, [ui.table, ui.pick, ui.rows, ui.timer], api_visibility="private").then(
+        picked, [ui.pick, ui.rows], [ui.details, *buttons], api_visibility="private", queue=False)
 
     ui.pick.change(picked, [ui.pick, ui.rows], [ui.details, *buttons], api_visibility="private", queue=False)
 

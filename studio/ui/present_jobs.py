@@ -120,6 +120,7 @@ def form_values(settings: dict, keys: list[str]) -> list:
     values = {"references": settings.get("references") or None, "style_prompt": settings.get("style_prompt") or "",
               "name": settings.get("name") or "", "resolution": str(resolution) if resolution else "auto",
               "preview_prompt": recipe.get("preview_prompt") or "", "noise_prior": bool(recipe.get("noise_prior"))}
-    for key in ("sampler", "mu", "sigma", "steps", "lr", "rank", "seed", "offset_noise", "preview_every"):
+    for key in ("sampler", "mu", "steps", "lr", "rank", "seed", "offset_noise", "preview_every"):
         values[key] = recipe.get(key)
+    values["sigma"] = "" if recipe.get("sigma") is None else f"{recipe['sigma']:g}"
     return [values[k] for k in keys]

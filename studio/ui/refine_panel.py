@@ -50,6 +50,7 @@ def build() -> SimpleNamespace:
                     elem_classes="hint")
         ui.top_k = gr.Slider(1, 8, value=DEFAULT_TOP_K, step=1, label="How many CLIP keeps", elem_id="refine-top-k")
         ui.auto = gr.Button("Let CLIP choose", elem_id="refine-auto", interactive=False)
+        ui.auto_note = gr.Markdown("", elem_id="refine-auto-note", elem_classes="hint")  # why it is off
         ui.status = gr.HTML("", elem_id="refine-status")
     ui.files = gr.State([])  # the test pictures shown (server side: ticks are checked against it)
     ui.labels = gr.State([])  # their captions ("3 · A moose")
@@ -69,14 +70,16 @@ def wire(api: StudioAPI, ui: SimpleNamespace, selected: gr.State) -> None:
         lineage = t.get("lineage") if t else None
         learned = present.picked_items(lineage)
         next_round = (t.get("round") or 1) + 1 if t else 2
+        auto = api.automatic_feedback()
         return (gr.Accordion(label=f"Refine this style (round {next_round})"),
                 gr.Gallery(value=learned or None, visible=bool(learned)), [], [], 0,
                 gr.Gallery(value=None, visible=False), gr.CheckboxGroup(choices=[], value=[], visible=False),
                 gr.Button(f"2 · Train round {next_round} with my favourites", interactive=False),
-                gr.Button(interactive=t is not None), gr.Button(interactive=t is not None))
+                gr.Button(interactive=t is not None), gr.Button(interactive=t is not None and auto["available"]),
+                "" if auto["available"] else f"⚠️ Not available here: {auto['reason']}")
 
     selected.change(show, selected, [ui.box, ui.learned, ui.files, ui.labels, ui.batch, ui.candidates, ui.picks,
-                                     ui.train_mine, ui.make, ui.auto], api_visibility="private")
+                                     ui.train_mine, ui.make, ui.auto, ui.auto_note], api_visibility="private")
 
     @guard
     def make(template_id, n, batch, progress=gr.Progress()):

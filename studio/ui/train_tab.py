@@ -14,7 +14,7 @@ import gradio as gr
 
 from studio.api import StudioAPI, preview_prompts_of, suggest_name
 from studio.engine.recipe import MAX_PREVIEW_PROMPTS, PRESETS, Recipe
-from studio.errors import StudioError
+from studio.errors import InputError, StudioError
 from studio.jobs.records import FINAL
 from studio.ui import present
 from studio.ui.common import keep_page
@@ -66,6 +66,28 @@ TITLE_WATCH_JS = """() => {
 }"""
 
 
+def preset_choices(backbone: str | None) -> list[tuple[str, str]]:
+    """The presets; on the tiny demo model the 1024 px one says what it costs before anyone starts it (a CPU
+    draws its 1024 px previews for about ten minutes before the first training step)."""
+    if backbone != "tiny":
+        return PRESET_CHOICES
+    return [(label + " (demo: ~10 min of previews before step 1)", value) if value == "high_fidelity"
+            else (label, value) for label, value in PRESET_CHOICES]
+
+
+def sigma_value(text: str | None) -> float | None:
+    """The sigma field: empty means the backbone family's paper default (None); anything else must be a number
+    (the recipe checks its range)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"sigma must be a number like 3 or 2.5, or empty for the model's default (got {text[:20]!r})"
+                         ) from None
+
+
 def _preset_values(preset: str) -> tuple[int, int, str]:
     recipe = Recipe.from_preset(preset if preset in PRESETS else "paper")
     return recipe.steps, recipe.preview_every, str(recipe.resolution) if recipe.resolution else "auto"
@@ -95,7 +117,8 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                             interactive=captioner["available"], scale=0, min_width=220)
                 ui.caption_stop = gr.Button("Stop captioning", elem_id="caption-stop", size="sm", visible=False,
                                             variant="stop", scale=0, min_width=140)
-                ui.caption_note = gr.Markdown(captions_hint(captioner), elem_id="caption-note")
+                # min_width: on a phone the note goes under the buttons instead of into a thin column beside them
+                ui.caption_note = gr.Markdown(captions_hint(captioner), elem_id="caption-note", min_width=300)
             with gr.Group(visible=False, elem_id="crop-panel") as ui.crop_panel:
                 ui.crop_key = gr.State("")
                 ui.crop_title = gr.Markdown(elem_id="crop-title", padding=True)
@@ -127,7 +150,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             ui.name = gr.Textbox(label="Template name", placeholder="suggested from the style prompt",
                                  info="Leave it empty to use the suggestion shown.",
                                  elem_id="template-name", max_lines=1)
-            ui.preset = gr.Radio(PRESET_CHOICES, value="paper", label="Preset", elem_id="preset",
+            ui.preset = gr.Radio(preset_choices(api.backbone), value="paper", label="Preset", elem_id="preset",
                                  info="Paper default is the recipe from the Style-friendly SNR paper.")
             with gr.Accordion("Advanced settings", open=False, elem_id="advanced"):
                 ui.sampler = gr.Radio([("Style-friendly (recommended)", "style_friendly"), ("SD3 (baseline)", "sd3")],
@@ -135,7 +158,9 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                       info="Style-friendly trains mostly at high noise, where style is decided.")
                 with gr.Row():
                     ui.mu = gr.Number(-6.0, label="mu (log-SNR mean)", step=0.5)
-                    ui.sigma = gr.Number(None, label="sigma (empty: 3 FLUX, 2 SD3.5)", step=0.5)
+                    # A Textbox: a Number field shows "0" when empty, and 0 is not the default
+                    ui.sigma = gr.Textbox("", label="sigma (log-SNR spread)", placeholder="empty: 3 FLUX, 2 SD3.5",
+                                          max_lines=1, elem_id="sigma")
                 with gr.Row():
                     ui.steps = gr.Number(steps0, label="Steps", precision=0, minimum=1, elem_id="steps")
                     ui.lr = gr.Number(1e-4, label="Learning rate", step=1e-5)
@@ -230,9 +255,8 @@ def build(api: StudioAPI) -> SimpleNamespace:
     @keep_page(9, title="Training not started")
     def start(tiles, typed, caption_job, style, name, preset, sampler, mu, sigma, steps, lr, rank, resolution, seed,
               offset, every, noise_prior, *samples):
-        # sigma empty (or 0): the backbone family's paper default
-        options = {"preset": preset, "sampler": sampler, "mu": mu, "sigma": sigma or None, "steps": steps, "lr": lr,
-                   "rank": rank, "resolution": None if resolution in (None, "auto") else int(resolution),
+        options = {"preset": preset, "sampler": sampler, "mu": mu, "sigma": sigma_value(sigma), "steps": steps,
+                   "lr": lr, "rank": rank, "resolution": None if resolution in (None, "auto") else int(resolution),
                    "seed": seed, "offset_noise": offset, "preview_every": every, "noise_prior": bool(noise_prior)}
         options = {k: (int(v) if k in ("steps", "rank", "seed", "preview_every") and v is not None else v)
                    for k, v in options.items() if v is not None}
