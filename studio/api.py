@@ -319,8 +319,19 @@ class StudioAPI:
         return run_actions.delete(self.jobs, _job_id(job_id))
 
     def job_settings(self, job_id: str) -> dict:
-        """A training's settings (name, style_prompt, recipe, captions, reference files) for the Train form."""
-        return run_actions.settings(self.jobs, _job_id(job_id))
+        """A training's settings (name, style_prompt, recipe, captions, reference files) for the Train form;
+        with captions, also ``dataset``: the references and their captions as one dataset zip (the form's
+        drop zone reads the captions back from it)."""
+        from studio.media.datasets import write_dataset_zip
+
+        found = run_actions.settings(self.jobs, _job_id(job_id))
+        found["dataset"] = None
+        if any(found["captions"]) and len(found["captions"]) == len(found["references"]):
+            self.exports_dir.mkdir(parents=True, exist_ok=True)
+            self._prune_exports()
+            found["dataset"] = str(write_dataset_zip(found["references"], found["captions"],
+                                                     self.exports_dir / f"{found['id']}-references.zip"))
+        return found
 
     def active_training(self) -> dict | None:
         """The running (else the next queued) training, for a page that opens or reloads."""

@@ -279,6 +279,15 @@ def test_jobs_view_resumes_a_cancelled_run_and_keeps_a_failed_runs_checkpoint(br
     page.locator("#job-save").click()
     saved = wait_done(client, doomed, ok=True)
     expect(page.locator("#job-detail-card")).to_contain_text("checkpoint of step 2 of 6", timeout=30_000)
+
+    # "Copy its settings to the Train form": the Train tab opens with the run's references, prompt and steps
+    pick_job(page, "Cut Blobs")
+    page.locator("#job-clone").click()
+    expect(field(page, "style-prompt")).to_have_value("blob poster")
+    expect(field(page, "template-name")).to_have_value("Cut Blobs")
+    expect(page.locator("#ref-thumbs .ref-tile")).to_have_count(2, timeout=30_000)
+    page.get_by_text("Advanced settings").click()
+    expect(page.locator("#steps input")).to_have_value("24")
     ctx.close()
 
     template = client.predict(saved["template_id"], api_name="/template")

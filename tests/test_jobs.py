@@ -271,3 +271,21 @@ def test_the_jobs_view_refuses_bad_values_and_unfinished_jobs(jobs, image):
     with pytest.raises(InputError, match="limit must be a whole number from 1"):
         api.generation_history("", 0)
     assert api.generation_history(None) == []  # no pictures made yet
+
+
+def test_job_settings_carry_the_references_and_their_captions_back_to_the_form(jobs, image, tmp_path):
+    """"Copy its settings to the Train form": the references come back as a dataset zip whose .txt files
+    hold the captions, the same zip the drop zone reads."""
+    from studio.api import StudioAPI
+    from studio.media.datasets import open_dataset_zip
+
+    api = StudioAPI(jobs)
+    job_id = jobs.submit_train([image, image], "red poster", "Captioned", recipe=QUICK,
+                               captions=["a red square", None])
+    jobs.cancel(job_id)
+    form = api.job_settings(job_id)
+    assert form["style_prompt"] == "red poster" and form["recipe"]["steps"] == 2 and len(form["references"]) == 2
+    unpacked = open_dataset_zip(form["dataset"], tmp_path / "back")
+    assert [caption for _, caption in unpacked] == ["a red square", None]
+    plain = api.job_settings(jobs.submit_train([image], "red poster", "Plain", recipe=QUICK))
+    assert plain["dataset"] is None and len(plain["references"]) == 1  # no captions: the files themselves

@@ -54,3 +54,20 @@ def open_dataset_zip(path: str | Path, dest: str | Path) -> list[tuple[Path, str
                 target.with_suffix(".txt").write_bytes(archive.read(text)[:65536])
             out.append((target, read_sidecar(target)))
         return out
+
+
+def write_dataset_zip(images: list[str | Path], captions: list[str | None], out: str | Path) -> Path:
+    """The other way round: reference files and their captions as a dataset zip (``name.png`` + ``name.txt``
+    for each captioned picture), written atomically. It is what the Train form takes back with captions."""
+    out = Path(out)
+    if len(captions) not in (0, len(images)):
+        raise InputError(f"give one caption per image ({len(images)}), or none")
+    tmp = out.with_name(f".{out.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as archive:  # pictures are compressed already
+        for image, caption in zip(images, captions or [None] * len(images), strict=True):
+            name = Path(image).name
+            archive.write(image, name)
+            if caption:
+                archive.writestr(str(PurePosixPath(name).with_suffix(".txt")), caption)
+    tmp.replace(out)
+    return out

@@ -13,7 +13,8 @@ from studio.ui.common import demo_notice, keep_page
 
 def train_form(train) -> dict[str, gr.components.Component]:
     """The Train form's fields that a job's settings fill (by settings key)."""
-    return {"references": train.refs, "style_prompt": train.style, "name": train.name, "sampler": train.sampler,
+    return {"tiles": train.tiles, "typed": train.typed, "references": train.refs, "style_prompt": train.style,
+            "name": train.name, "sampler": train.sampler,
             "mu": train.mu, "sigma": train.sigma, "steps": train.steps, "lr": train.lr, "rank": train.rank,
             "resolution": train.resolution, "seed": train.seed, "offset_noise": train.offset,
             "preview_every": train.every, "preview_prompt": train.preview_prompt, "noise_prior": train.noise_prior}
@@ -85,7 +86,8 @@ def build_demo(api: StudioAPI) -> gr.Blocks:
             """Copy a training's settings (references included) into the Train form and open it."""
             if not job_id:
                 return (gr.skip(),) * (len(form) + 1)
-            return (gr.Tabs(selected="train"), *present_jobs.form_values(api.job_settings(job_id), list(form)))
+            return (gr.Tabs(selected="train"),
+                    *present_jobs.form_values(api.job_settings(job_id), list(form), train_tab.RESOLUTION_VALUES))
 
         jobs.clone.click(clone, jobs.pick, [tabs, *form.values()], api_visibility="private")
 

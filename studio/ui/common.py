@@ -131,6 +131,8 @@ CSS = """
 #generated .thumbnail-item { aspect-ratio: auto !important; height: auto !important; }
 #generated .thumbnail-item img { height: auto !important; max-height: 600px; object-fit: contain !important; }
 #template-previews .grid-container { grid-template-columns: repeat(auto-fill, minmax(90px, 1fr)) !important; }
+/* the export's link says what it does (Gradio shows only the size there; the name is beside it) */
+#export-file a::before { content: "Download again · "; }
 /* the jobs table never widens the page (a phone scrolls the table, not the whole studio) */
 #jobs-table { contain: inline-size; width: 100%; overflow-x: auto; }
 @media (max-width: 600px) { #jobs-table { font-size: .85em; } }

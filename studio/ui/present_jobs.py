@@ -113,13 +113,20 @@ def has_unfinished(rows: list[dict]) -> bool:
     return any(r["state"] in UNFINISHED for r in rows)
 
 
-def form_values(settings: dict, keys: list[str]) -> list:
-    """A training's settings (``StudioAPI.job_settings``) as the Train form's values, in ``keys`` order."""
+def form_values(settings: dict, keys: list[str], resolutions: list[str]) -> list:
+    """A training's settings (``StudioAPI.job_settings``) as the Train form's values, in ``keys`` order.
+
+    ``resolutions``: the form's resolution choices; a run at the model's own size (stored as its number,
+    e.g. 64 on the tiny model) comes back as "auto". The reference grid starts empty (``tiles``, ``typed``)
+    and fills from the references."""
     recipe = settings.get("recipe") or {}
-    resolution = recipe.get("resolution")
-    values = {"references": settings.get("references") or None, "style_prompt": settings.get("style_prompt") or "",
-              "name": settings.get("name") or "", "resolution": str(resolution) if resolution else "auto",
-              "preview_prompt": recipe.get("preview_prompt") or "", "noise_prior": bool(recipe.get("noise_prior"))}
+    resolution = str(recipe.get("resolution")) if str(recipe.get("resolution")) in resolutions else None
+    # with captions the references come as a dataset zip: the drop zone reads the captions back from it
+    refs = [settings["dataset"]] if settings.get("dataset") else settings.get("references")
+    values = {"references": refs or None, "style_prompt": settings.get("style_prompt") or "",
+              "name": settings.get("name") or "", "resolution": resolution or "auto",
+              "preview_prompt": recipe.get("preview_prompt") or "", "noise_prior": bool(recipe.get("noise_prior")),
+              "tiles": [], "typed": {}}
     for key in ("sampler", "mu", "steps", "lr", "rank", "seed", "offset_noise", "preview_every"):
         values[key] = recipe.get(key)
     values["sigma"] = "" if recipe.get("sigma") is None else f"{recipe['sigma']:g}"

@@ -28,6 +28,7 @@ STYLE_EXAMPLES = ["watercolor painting", "flat cartoon illustration", "3d render
 PRESET_CHOICES = [("Paper default — 300 steps", "paper"), ("Quick preview — 100 steps", "quick"),
                   ("High fidelity — 1024 px", "high_fidelity")]
 RESOLUTIONS = [("Model default", "auto"), ("512 px", "512"), ("768 px", "768"), ("1024 px", "1024")]
+RESOLUTION_VALUES = [value for _, value in RESOLUTIONS]
 # Train asks once for permission to notify (a click is the gesture browsers require); no sound.
 ASK_NOTIFY_JS = """(...args) => {
   if (window.Notification && Notification.permission === "default") { Notification.requestPermission(); }
