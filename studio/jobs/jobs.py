@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from studio.checks import boolean, json_object, text
 from studio.engine.backbones import default_backbone, resolve_allowed
 from studio.engine.generation import GenerateOptions, check_request, output_size
 from studio.engine.recipe import Recipe
-from studio.engine.training import TrainRequest, checkpoint_step, prepare_run
+from studio.engine.training import TrainRequest, prepare_run
 from studio.errors import InputError, NotFoundError, StudioError
 from studio.jobs.caption_jobs import apply_crops, mark_auto_caption, prepare_caption_run
 from studio.jobs.queue import PRIORITY, Queue, Settings
@@ -43,7 +42,6 @@ from studio.jobs.records import (
     FINAL,
     JOB_FILE,
     MAX_ATTEMPTS,
-    PROGRESS_FILE,
     QUEUED,
     RUNNING,
     STALE_S,
@@ -55,6 +53,7 @@ from studio.jobs.records import (
     worker_dead,
     write_record,
 )
+from studio.jobs.status import job_status
 from studio.media.captions import check_caption
 from studio.media.images import load_reference_images, validate_name, validate_prompt
 from studio.store.templates import TemplateStore
@@ -62,7 +61,6 @@ from studio.store.templates import TemplateStore
 log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_PREVIEW_RE = re.compile(r"^step_(\d+)_p(\d+)\.png$")
 _record_lock = threading.Lock()  # read-modify-write of records inside one process
 
 
@@ -480,25 +478,6 @@ class Jobs:
     def _queue_order(self) -> list[str]:
         return [r["id"] for r in self.queued()]
 
-    def _waiting_for(self, record: dict) -> str:
-        """Why a queued generation waits, when a training holds the worker: it is drawn between that
-        training's steps, so the wait is about one step (or the training's set-up and first previews)."""
-        running = [r for r in self._records() if r["state"] == RUNNING and r["kind"] == "train"
-                   and r.get("backbone") == record.get("backbone")]
-        if not running:
-            return ""
-        training = running[0]
-        progress = _read_json(self.job_dir(training["id"]) / PROGRESS_FILE) or {}
-        name = training.get("name") or "a template"
-        if (self.job_dir(training["id"]) / CANCEL_FILE).exists():
-            return f": the training {name!r} is being cancelled; your pictures come right after"
-        if not progress.get("step"):
-            return (f": the training {name!r} is setting up and drawing its first previews; your pictures are "
-                    "drawn between its steps once it starts")
-        sps = progress.get("sec_per_step")
-        each = f" (about {sps:.0f} s each)" if isinstance(sps, int | float) and sps >= 1 else ""
-        return f": drawn between the steps of the training {name!r}{each}"
-
     def _new_id(self, kind: str) -> str:
         return f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{secrets.token_hex(4)}"
 
@@ -527,45 +506,7 @@ class Jobs:
     # -- the status dict -----------------------------------------------------------------------
 
     def _status(self, record: dict, queue_order: list[str], online: bool) -> dict:
-        job_id = record["id"]
-        folder = self.job_dir(job_id)
-        progress = _read_json(folder / PROGRESS_FILE) or {}
-        request = record.get("request") or {}
-        losses, ts = ([], []) if record["kind"] != "train" else _read_metrics(folder / "metrics.jsonl")
-        if record["kind"] == "train":
-            total = int(progress.get("total") or (request.get("recipe") or {}).get("steps") or 0)
-        else:
-            total = int((request.get("options") or {}).get("num_images") or 1)
-        position = queue_order.index(job_id) + 1 if record["state"] == QUEUED and job_id in queue_order else None
-        status = {
-            "id": job_id, "kind": record["kind"], "state": record["state"],
-            "name": record.get("name"), "style_prompt": record.get("style_prompt"),
-            "backbone": record.get("backbone"), "template_id": record.get("template_id"),
-            "created": record.get("created"), "started": record.get("started"), "finished": record.get("finished"),
-            "step": int(progress.get("step") or (len(losses) if losses else 0)), "total_steps": total,
-            "losses": losses, "t": ts, "previews": _read_previews(folder / "previews"),
-            "queue_position": position, "eta_s": progress.get("eta_s") if record["state"] == RUNNING else None,
-            "sec_per_step": progress.get("sec_per_step"), "peak_mem": progress.get("peak_mem"),
-            "outputs": [str(folder / "outputs" / n) for n in record.get("outputs") or []],
-            "error": record.get("error"), "message": record.get("message") or "",
-            "attempts": int(record.get("attempts", 0)), "cancel_requested": (folder / CANCEL_FILE).exists(),
-            "worker": (record.get("worker") or {}).get("id"), "timing": dict(record.get("timing") or {}),
-            "request": copy.deepcopy(request),
-            "checkpoint_step": checkpoint_step(folder) if record["kind"] == "train" else 0,
-            "duration_s": _duration(record),
-        }
-        if record["state"] == QUEUED:
-            ahead = (position or 1) - 1
-            status["message"] = (f"queued: {'next' if not ahead else f'{ahead} job(s) ahead'}"
-                                 + ("" if online else "; no worker is running"))
-            if record.get("attempts") or "finish_at_checkpoint" in record:  # re-queued, or resumed from the Jobs view
-                status["message"] += f" ({record.get('message')})"
-            if record["kind"] == "generate" and online:
-                status["message"] += self._waiting_for(record)
-        elif record["state"] == RUNNING and record["kind"] == "train":
-            status["message"] = (f"training: step {status['step']} of {total}" if status["step"]
-                                 else record.get("message") or "starting")
-        return status
+        return job_status(self, record, queue_order, online)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -618,59 +559,3 @@ def _cancelled(record: dict, message: str) -> dict:
     if record["state"] == RUNNING:
         end_attempt(record, "cancelled")
     return {**record, "state": CANCELLED, "finished": now_iso(), "message": message, "worker": None}
-
-
-def _duration(record: dict) -> float | None:
-    """Seconds the job's attempts ran (None before it started); a running attempt counts up to now."""
-    total, seen = 0.0, False
-    for attempt in record.get("history") or []:
-        start, end = _timestamp(attempt.get("started")), _timestamp(attempt.get("ended"))
-        if start is None:
-            continue
-        seen = True
-        total += max(0.0, (end if end is not None else time.time()) - start)
-    return round(total, 1) if seen else None
-
-
-def _timestamp(iso: str | None) -> float | None:
-    try:
-        return datetime.fromisoformat(iso).timestamp() if iso else None
-    except (TypeError, ValueError):
-        return None
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _read_metrics(path: Path) -> tuple[list[float], list[float]]:
-    losses: list[float] = []
-    ts: list[float] = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return losses, ts
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line being written right now
-        losses.append(row.get("loss"))
-        ts.extend(row.get("t") or [])
-    return losses, ts
-
-
-def _read_previews(folder: Path) -> list[dict]:
-    by_step: dict[int, list[tuple[int, str]]] = {}
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    for name in names:
-        m = _PREVIEW_RE.match(name)
-        if m:
-            by_step.setdefault(int(m.group(1)), []).append((int(m.group(2)), str(folder / name)))
-    return [{"step": step, "files": [f for _, f in sorted(files)]} for step, files in sorted(by_step.items())]
