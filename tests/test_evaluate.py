@@ -76,7 +76,7 @@ def test_smoke_run_writes_table_results_and_grids(smoke):
 
     for style in ("flat_cartoon", "watercolor"):
         grid = Image.open(out / "grids" / f"{style}.png")
-        assert grid.size == (150 + 3 * 192, 30 + 2 * 192)  # label + reference + 2 images; a row per config
+        assert grid.size == (150 + 3 * 192, 30 + 3 * 192)  # label + reference + 2 images; base model + a row per config
         files = sorted(p.name for p in (out / "units" / style / "sd3" / "images").iterdir())
         assert files == ["p00_0.png", "p01_0.png"]
         meta = json.loads(Image.open(out / "units" / style / "sd3" / "images" / "p00_0.png").text["studio"])

@@ -126,6 +126,7 @@ class EvalSettings:
     configs: list[EvalConfig] = field(default_factory=lambda: resolve_configs(None))
     prompts: int = len(PAPER_PROMPTS)
     seeds: int = 2
+    train_seeds: int = 1  # trainings per (style, configuration): recipe seed, seed + 1, ...
     steps: int | None = None  # None: the recipe's (300)
     resolution: int | None = None  # None: the backbone's default
     gen_steps: int | None = None  # None: the backbone's default (28)
@@ -139,6 +140,9 @@ class EvalSettings:
             raise InputError(f"--prompts must be between 1 and {len(PAPER_PROMPTS)}")
         if not 1 <= self.seeds <= 100:
             raise InputError("--seeds must be between 1 and 100")
+        if isinstance(self.train_seeds, bool) or not isinstance(self.train_seeds, int) \
+                or not 1 <= self.train_seeds <= 20:
+            raise InputError("--train-seeds must be a whole number between 1 and 20")
         if self.gen_steps is not None and not 1 <= self.gen_steps <= 200:
             raise InputError("--gen-steps must be between 1 and 200")
         names = [c.name for c in self.configs]
@@ -148,9 +152,12 @@ class EvalSettings:
             self.recipe(c)  # validates
         return self
 
-    def recipe(self, cfg: EvalConfig) -> Recipe:
-        """The recipe a configuration trains with: no previews (the grid shows the results)."""
+    def recipe(self, cfg: EvalConfig, train_seed: int = 0) -> Recipe:
+        """The recipe a configuration trains with: no previews (the grid shows the results); training
+        ``train_seed`` (0, 1, ...) adds to the recipe's seed."""
         recipe = replace(Recipe(**cfg.overrides), preview_every=0)
+        if train_seed:
+            recipe = replace(recipe, seed=recipe.seed + train_seed)
         if self.steps is not None:
             recipe = replace(recipe, steps=self.steps)
         if self.resolution is not None:
@@ -163,6 +170,12 @@ class EvalSettings:
 
 
 # -- a unit's files -----------------------------------------------------------------------------
+
+
+def unit_name(cfg_name: str, train_seed: int) -> str:
+    """A unit's folder under ``units/<style>/``: the configuration's name, ``@train<k>`` for k > 0
+    ('@' is not allowed in configuration names, so no configuration can collide with it)."""
+    return cfg_name if train_seed == 0 else f"{cfg_name}@train{train_seed}"
 
 
 def _image_name(prompt_index: int, seed: int) -> str:

@@ -4,7 +4,12 @@ For every reference style and every configuration (a training recipe such as the
 baseline or the style-friendly sampler) it trains one template on one warm backbone, generates the
 paper's 23 prompts x 2 seeds as ``"{prompt} in {style prompt} style"``, and scores the images with
 DINO / CLIP-I (against the style's reference images) and CLIP-T (against the content prompt, see
-:mod:`studio.styles.metrics`). Then it writes a table, CSV/JSON results and one image grid per style.
+:mod:`studio.styles.metrics`). Beside them, always (they need no model weights), the weight-free
+distances of :mod:`studio.styles.weightfree`: colour and texture against the references, content
+against the base model's image for the same prompt and seed. ``--train-seeds K`` trains every
+(style, configuration) K times with recipe seeds seed..seed+K-1; the table then gives means ± standard
+errors and paired differences (:mod:`studio.styles.eval_stats`). Then it writes a table, CSV/JSON
+results and one image grid per style.
 
 **Styles folder.** Either one entry per style::
 
@@ -35,9 +40,15 @@ configuration trains with the same seed, so configurations differ only in their 
 
     table.md                 mean over styles and per style, configurations side by side
     results.csv, results.json  one row per (style, configuration); results.json adds per-image scores
-    grids/<style>.png        rows: configurations; columns: the reference, then each prompt x seed
+    grids/<style>.png        rows: the base model, then configurations (x training seeds); columns: the
+                             reference, then each prompt x seed; grids/overview.png: every style at a glance
     units/<style>/<config>/  spec.json, run/ (training; run/result is the template), images/, result.json
+    units/<style>/<config>@train<k>/   the same for training seed k > 0 (``--train-seeds``)
+    base/<style>/            the base model's images (no template) for the content distance, result.json
     eval.log                 what each invocation did
+
+``--report-only`` rewrites table.md, the results and the grids from the finished units without
+loading any model (also beside a run that is still going).
 
 **Resuming.** Run the same command again: a unit whose ``result.json`` matches the settings is not
 touched; an interrupted unit keeps its finished parts (a trained template, generated images) and
@@ -93,9 +104,11 @@ from studio.styles.eval_config import (
     _image_name,
     _read_json,
     resolve_configs,
+    unit_name,
 )
 from studio.styles.eval_report import write_reports
 from studio.styles.style_sets import Style, load_styles
+from studio.styles.weightfree import METRIC_VERSION, WEIGHTFREE_METRICS, WeightFreeScorer
 
 log = logging.getLogger(__name__)
 
@@ -181,16 +194,16 @@ class Evaluation:
             self._references[style.name] = load_reference_images(style.images)
         return self._references[style.name]
 
-    def unit_dir(self, style: Style, cfg: EvalConfig) -> Path:
-        return self.out / "units" / style.name / cfg.name
+    def unit_dir(self, style: Style, cfg: EvalConfig, train_seed: int = 0) -> Path:
+        return self.out / "units" / style.name / unit_name(cfg.name, train_seed)
 
-    def spec(self, style: Style, cfg: EvalConfig) -> dict:
+    def spec(self, style: Style, cfg: EvalConfig, train_seed: int = 0) -> dict:
         """What a unit's results depend on: training and generation settings, kept apart."""
         s = self.settings
         return {
             "train": {
                 "backbone": self.backbone_id,
-                "recipe": s.recipe(cfg).to_dict(),
+                "recipe": s.recipe(cfg, train_seed).to_dict(),
                 "style_prompt": style.style_prompt,
                 "captions": style.captions,
                 "references": [_file_digest(p) for p in style.images],
@@ -207,23 +220,26 @@ class Evaluation:
         self._log(f"start: backbone {self.settings.backbone}, {len(self.styles)} styles, configs "
                   f"{[c.name for c in self.settings.configs]}, {self.settings.prompts} prompts x "
                   f"{self.settings.seeds} seeds")
-        units = [(st, c) for st in self.styles for c in self.settings.configs]
+        units = [(st, c, k) for st in self.styles for c in self.settings.configs
+                 for k in range(self.settings.train_seeds)]
         with tqdm(units, desc="evaluation", unit="unit", file=sys.stderr, dynamic_ncols=True) as bar:
-            for style, cfg in bar:
-                bar.set_postfix_str(f"{style.name}/{cfg.name}", refresh=True)
-                result = self.run_unit(style, cfg, scorer, bar)
-                scores = " ".join(f"{label} {result[key]:.3f}" for key, label in METRICS
+            for style, cfg, k in bar:
+                label = f"{style.name}/{unit_name(cfg.name, k)}"
+                bar.set_postfix_str(label, refresh=True)
+                result = self.run_unit(style, cfg, scorer, bar, k)
+                scores = " ".join(f"{name} {result[key]:.3f}" for key, name in (*METRICS, *WEIGHTFREE_METRICS)
                                   if result.get(key) is not None)
-                bar.write(f"{style.name}/{cfg.name}: {scores or 'not scored'}", file=sys.stderr)
+                bar.write(f"{label}: {scores or 'not scored'}", file=sys.stderr)
                 write_reports(self, grids_for=[style])  # partial results are readable during long runs
         write_reports(self)
         self._log("done: " + ", ".join(f"{k} {len(v)}" for k, v in self.summary.items()))
         return self.summary
 
-    def run_unit(self, style: Style, cfg: EvalConfig, scorer, bar: tqdm) -> dict:
-        """Bring one unit up to date and return its result.json content."""
-        unit, label = self.unit_dir(style, cfg), f"{style.name}/{cfg.name}"
-        spec = self.spec(style, cfg)
+    def run_unit(self, style: Style, cfg: EvalConfig, scorer, bar: tqdm, train_seed: int = 0) -> dict:
+        """Bring one unit (a style, a configuration, a training seed) up to date; its result.json content."""
+        unit = self.unit_dir(style, cfg, train_seed)
+        label = f"{style.name}/{unit.name}"
+        spec = self.spec(style, cfg, train_seed)
         old = _read_json(unit / "spec.json")
         if old is not None and _train_changed(old.get("train") or {}, spec["train"]):
             self._log(f"{label}: training settings changed, redoing the unit")
@@ -240,21 +256,22 @@ class Evaluation:
         if result is not None and result.get("items") == items:
             scored = result.get("dino") is not None
             same_models = result.get("metric_models") == self._metric_models(scorer)
-            if scorer is None or (scored and same_models):
+            weightfree = result.get("weightfree_version") == METRIC_VERSION
+            if weightfree and (scorer is None or (scored and same_models)):
                 self.summary["skipped"].append(label)
                 return result
 
         missing = [(p, s) for p, s in self.settings.items() if not (unit / _image_name(p, s)).is_file()]
         gen_seconds = 0.0
         if missing:  # the template is only needed for images still to make (LoRAs may be deleted)
-            template = self._train(style, cfg, unit, bar, label)
+            template = self._train(style, cfg, unit, bar, label, train_seed)
             gen_seconds = self._generate(unit, template, missing, bar, label)
         bar.set_postfix_str(f"{label}: scoring", refresh=True)
-        result = self._score(style, cfg, unit, scorer, result, gen_seconds)
+        result = self._score(style, cfg, unit, scorer, result, gen_seconds, train_seed, bar)
         write_json(unit / "result.json", result)  # last: its presence means "unit finished"
         return result
 
-    def _train(self, style: Style, cfg: EvalConfig, unit: Path, bar: tqdm, label: str) -> Path:
+    def _train(self, style: Style, cfg: EvalConfig, unit: Path, bar: tqdm, label: str, train_seed: int) -> Path:
         from studio.engine.training import TrainRequest, prepare_run, train
 
         run_dir = unit / "run"
@@ -262,8 +279,8 @@ class Evaluation:
         if (template / "template.json").is_file():
             return template
         backbone = self.backbone
-        request = TrainRequest(self.references(style), style.style_prompt, f"eval {style.name} {cfg.name}",
-                               self.settings.recipe(cfg), style.captions)
+        request = TrainRequest(self.references(style), style.style_prompt, f"eval {label}",
+                               self.settings.recipe(cfg, train_seed), style.captions)
         prepare_run(request, run_dir, backbone.backbone_id, backbone.family, backbone.default_resolution)
         t0 = time.perf_counter()
         train(backbone, run_dir, _BarObserver(bar, label))
@@ -288,18 +305,54 @@ class Evaluation:
         self.summary["generated"].append(label)
         return time.perf_counter() - t0
 
+    def base_dir(self, style: Style) -> Path:
+        return self.out / "base" / style.name
+
+    def base_images(self, style: Style, bar: tqdm | None = None) -> dict[tuple[int, int], Image.Image]:
+        """The base model's images (no template) for the style's prompts and seeds, made once per style:
+        the content measure compares each template's image with the one made from the same prompt
+        ("{prompt} in {style} style") and seed without it. Also scores them (``base/<style>/result.json``)."""
+        folder = self.base_dir(style)
+        s = self.settings
+        spec = {"backbone": self.backbone_id, "style_prompt": style.style_prompt,
+                "generate": self.spec(style, s.configs[0])["generate"]}
+        if _read_json(folder / "spec.json") != spec:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(folder / "spec.json", spec)
+        missing = [(p, sd) for p, sd in s.items() if not (folder / _image_name(p, sd)).is_file()]
+        if missing:
+            from studio.engine.generation import GenerateOptions, generate
+
+            for k, (p, sd) in enumerate(missing):
+                if bar is not None:
+                    bar.set_postfix_str(f"{style.name}: base model image {k + 1}/{len(missing)}", refresh=True)
+                options = GenerateOptions(prompt=style_caption(PAPER_PROMPTS[p], style.style_prompt), seed=sd,
+                                          steps=s.gen_steps, guidance=s.guidance, resolution=s.resolution)
+                generate(self.backbone, options, folder / "images", None, stem=f"p{p:02d}")
+        images = {(p, sd): Image.open(folder / _image_name(p, sd)).convert("RGB") for p, sd in s.items()}
+        result = _read_json(folder / "result.json")
+        items = [list(i) for i in s.items()]
+        if result is None or result.get("items") != items or result.get("weightfree_version") != METRIC_VERSION:
+            scores = WeightFreeScorer().score(list(images.values()), self.references(style))
+            result = {"style": style.name, "items": items, "weightfree_version": METRIC_VERSION,
+                      **{key: scores[key] for key, _ in WEIGHTFREE_METRICS}, "content": 0.0,
+                      "per_image": {key: scores["per_image"][key] for key in ("colour", "texture")}}
+            write_json(folder / "result.json", result)
+        return images
+
     def _metric_models(self, scorer) -> list[str] | None:
         return [scorer.dino_source, scorer.clip_source] if scorer is not None else None
 
     def _score(self, style: Style, cfg: EvalConfig, unit: Path, scorer, old: dict | None,
-               gen_seconds: float) -> dict:
+               gen_seconds: float, train_seed: int, bar: tqdm) -> dict:
         items = self.settings.items()
         content = [PAPER_PROMPTS[p] for p, _ in items]
         per_image = [{"prompt_index": p, "seed": s, "prompt": PAPER_PROMPTS[p], "file": _image_name(p, s)}
                      for p, s in items]
         timing = _read_json(unit / "run" / "timing.json") or {}
         result: dict[str, Any] = {
-            "style": style.name, "config": cfg.name, "style_prompt": style.style_prompt,
+            "style": style.name, "config": cfg.name, "train_seed": train_seed, "style_prompt": style.style_prompt,
             "items": [list(i) for i in items],
             "train_seconds": timing.get("train_seconds"),
             "generate_seconds": gen_seconds + ((old or {}).get("generate_seconds") or 0.0),
@@ -310,17 +363,25 @@ class Evaluation:
         }
         for key in ("dino", "clip_i", "clip_t", "clip_t_full"):
             result[key] = None
+        images = [Image.open(unit / item["file"]).convert("RGB") for item in per_image]
         if scorer is None:
             result["scores_missing"] = self.scorer_reason
         else:
-            images = [Image.open(unit / item["file"]).convert("RGB") for item in per_image]
             full = [style_caption(p, style.style_prompt) for p in content]
             scores = scorer.score(images, self.references(style), content, full)
             for key in ("dino", "clip_i", "clip_t", "clip_t_full"):
                 result[key] = scores[key]
                 for item, value in zip(per_image, scores["per_image"][key], strict=True):
                     item[key] = value
-            self.summary["scored"].append(f"{style.name}/{cfg.name}")
+            self.summary["scored"].append(f"{style.name}/{unit.name}")
+        # the weight-free distances need no model: always computed, beside DINO / CLIP when those exist
+        base = self.base_images(style, bar)
+        weightfree = WeightFreeScorer().score(images, self.references(style), [base[i] for i in items])
+        result["weightfree_version"] = METRIC_VERSION
+        for key, _ in WEIGHTFREE_METRICS:
+            result[key] = weightfree[key]
+            for item, value in zip(per_image, weightfree["per_image"][key], strict=True):
+                item[key] = value
         result["n_images"] = len(per_image)
         result["per_image"] = per_image
         return result
@@ -368,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="define (and add) a configuration from Recipe fields, e.g. lowlr:lr=5e-5,sigma=2")
     parser.add_argument("--prompts", type=int, default=len(PAPER_PROMPTS), help="use the first N of the 23 prompts")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per prompt (0..K-1; default 2)")
+    parser.add_argument("--train-seeds", type=int, default=1,
+                        help="trainings per style and configuration, with recipe seeds seed..seed+K-1 (default 1)")
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's 300; small for smoke runs)")
     parser.add_argument("--resolution", type=int, help="training and generation pixel budget side")
     parser.add_argument("--gen-steps", type=int, help="denoising steps (default 28)")
@@ -376,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DINO folder or hub id (default $STUDIO_DINO_MODEL or facebook/dino-vits16)")
     parser.add_argument("--clip-model",
                         help="CLIP folder or hub id (default $STUDIO_CLIP_MODEL or openai/clip-vit-base-patch32)")
-    parser.add_argument("--no-score", action="store_true", help="train and generate only")
+    parser.add_argument("--no-score", action="store_true", help="train and generate only (DINO / CLIP)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rewrite table.md, results and grids from the units finished so far (no model "
+                             "is loaded; safe beside a running evaluation of the same folder)")
     return parser
 
 
@@ -386,6 +452,7 @@ def settings_from_args(argv: list[str] | None = None) -> EvalSettings:
     return EvalSettings(
         styles_dir=args.styles or _default_styles(), out_dir=out, backbone=args.backbone,
         configs=resolve_configs(args.configs, args.config), prompts=args.prompts, seeds=args.seeds,
+        train_seeds=args.train_seeds,
         steps=args.steps, resolution=args.resolution, gen_steps=args.gen_steps, guidance=args.guidance,
         dino_model=args.dino_model, clip_model=args.clip_model, score=not args.no_score,
     ).validate()
@@ -394,6 +461,10 @@ def settings_from_args(argv: list[str] | None = None) -> EvalSettings:
 def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
+        if build_parser().parse_args(argv).report_only:
+            write_reports(Evaluation(settings))
+            print(settings.out_dir / "table.md")
+            return 0
         summary = run_evaluation(settings)
     except StudioError as exc:
         print(f"error: {exc}", file=sys.stderr)
