@@ -96,6 +96,15 @@ def test_captions_from_the_grid_reach_the_run_and_the_card(browser, app, tmp_pat
 
     # -- train (a few steps), then the card and the run hold the captions
     page.get_by_text("Advanced settings").click()
+    # another resolution redraws the tiles at the new training size; the captions stay
+    meta = page.locator("#ref-thumbs .tile-meta").first
+    expect(meta).to_contain_text("64×64 px as trained")
+    for choice, shown in (("512 px", "512×512 px as trained"), ("Model default", "64×64 px as trained")):
+        page.locator("#resolution input").click()
+        page.get_by_role("option", name=choice).click()
+        expect(meta).to_contain_text(shown)
+    expect(boxes.nth(0)).to_have_value("an orange square with a blue window")
+    assert [boxes.nth(i).input_value() for i in range(3)] == captions
     steps = page.locator("#steps input")
     for _ in range(4):  # a just-opened accordion may mount late and drop the first keystrokes
         steps.fill("4")

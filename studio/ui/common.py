@@ -133,6 +133,8 @@ CSS = """
 #template-previews .grid-container { grid-template-columns: repeat(auto-fill, minmax(90px, 1fr)) !important; }
 /* the export's link says what it does (Gradio shows only the size there; the name is beside it) */
 #export-file a::before { content: "Download again · "; }
+/* long commands in the caption note wrap on a phone instead of running out of the box */
+#caption-note code { white-space: normal; overflow-wrap: anywhere; }
 /* the jobs table never widens the page (a phone scrolls the table, not the whole studio) */
 #jobs-table { contain: inline-size; width: 100%; overflow-x: auto; }
 @media (max-width: 600px) { #jobs-table { font-size: .85em; } }

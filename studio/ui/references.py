@@ -199,3 +199,21 @@ def wire_references(api: StudioAPI, ui: SimpleNamespace) -> None:
     ui.crop_reset.click(lambda *a: apply_crop(*a, whole=True), crop_inputs, [ui.tiles, ui.crop_panel],
                         api_visibility="private")
     ui.crop_close.click(lambda: gr.Group(visible=False), None, ui.crop_panel, api_visibility="private", queue=False)
+
+    def redraw(tiles, resolution):
+        """Another resolution: every good tile shows the picture at the new training size."""
+        good = [t for t in tiles or [] if t["ok"]]
+        if not good:
+            return gr.skip()
+        try:
+            fresh = api.inspect_references([t["file"] for t in good], {"resolution": _resolution(resolution),
+                                                                       "crops": [t.get("crop") for t in good]})
+        except StudioError:
+            return gr.skip()  # a file that vanished meanwhile: the tiles stay as they were; Train says why
+        redrawn = {str(t["key"]): {**t, "thumbnail": f["thumbnail"], "width": f["width"], "height": f["height"],
+                                   "version": int(t.get("version", 0)) + 1}
+                   for t, f in zip(good, fresh, strict=True) if f["ok"]}
+        return [redrawn.get(str(t["key"]), t) for t in tiles]
+
+    ui.resolution.change(redraw, [ui.tiles, ui.resolution], ui.tiles, api_visibility="private",
+                         trigger_mode="always_last")
