@@ -27,18 +27,25 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from studio import diskspace
 from studio.engine import snr
 from studio.engine.backbones import clean
 from studio.engine.backbones.base import Backbone, LatentDist, host_to_device
+from studio.engine.checkpoints import (  # noqa: F401 (ADAPTER, write_json: used by the worker and generation)
+    ADAPTER,
+    checkpoint_folder,
+    load_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+    write_json,
+)
 from studio.engine.noise_prior import NoisePrior, compute_prior, start_latents
 from studio.engine.recipe import Recipe
 from studio.errors import CancelledError, NotFoundError, StudioError
 from studio.media.images import fit_to_budget, make_thumbnail
 
-ADAPTER = "studio_train"
 # A few of the paper's evaluation prompts (appendix C.2), wrapped in the style prompt.
 PREVIEW_PROMPTS = ("A friendly robot", "A baby penguin", "An espresso machine")
 PREVIEW_SEED = 1234
@@ -462,78 +469,6 @@ class PreviewWriter:
         return files
 
 
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Write LoRA weights and Adam state (safetensors, no pickle), replacing the old checkpoint atomically."""
-    tmp = run_dir / "checkpoint.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    from peft.utils import get_peft_model_state_dict
-
-    lora = get_peft_model_state_dict(transformer, adapter_name=ADAPTER)
-    save_file({k: v.detach().float().contiguous() for k, v in lora.items()}, tmp / "lora.safetensors")
-    state = optimizer.state_dict()["state"]
-    tensors = {f"{i}.{key}": torch.as_tensor(value).reshape(-1).float().contiguous()
-               if key == "step" else value.contiguous()
-               for i, slots in state.items() for key, value in slots.items()}
-    save_file(tensors, tmp / "optimizer.safetensors")
-    write_json(tmp / "state.json", {"step": step})
-    final = run_dir / "checkpoint"
-    old = run_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoint_folder(run_dir: Path) -> Path | None:
-    """The run's latest complete checkpoint folder, or None."""
-    for folder in (run_dir / "checkpoint", run_dir / "checkpoint.old"):  # .old: crashed between the two renames
-        if (folder / "state.json").exists():
-            return folder
-    return None
-
-
-def checkpoint_step(run_dir: Path) -> int:
-    """The step of the run's latest checkpoint (0: none)."""
-    folder = checkpoint_folder(run_dir)
-    try:
-        return int(json.loads((folder / "state.json").read_text())["step"]) if folder else 0
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def load_checkpoint(run_dir: Path, transformer, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the latest checkpoint if there is one; return the step it was taken at."""
-    folder = checkpoint_folder(run_dir)
-    if folder is None:
-        return 0
-    step = json.loads((folder / "state.json").read_text())["step"]
-    from peft.utils import set_peft_model_state_dict
-
-    set_peft_model_state_dict(transformer, load_file(folder / "lora.safetensors"), adapter_name=ADAPTER)
-    tensors = load_file(folder / "optimizer.safetensors")
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        index, slot = key.split(".", 1)
-        state.setdefault(int(index), {})[slot] = value.reshape(()) if slot == "step" else value
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return int(step)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
-
-
 # -- the result ------------------------------------------------------------------------------
 
 
@@ -637,21 +572,3 @@ def publish_run(store, result: Path, name: str, job_id: str | None = None):
 def last_loss(path: Path) -> float | None:
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     return json.loads(lines[-1])["loss"] if lines else None
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: temp file in the same folder, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(data, f, indent=2, default=_json_default)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

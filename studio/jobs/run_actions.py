@@ -13,7 +13,7 @@ import shutil
 import time
 
 from studio import diskspace
-from studio.engine.training import checkpoint_step
+from studio.engine.checkpoints import checkpoint_step
 from studio.errors import InputError, NotFoundError
 from studio.jobs.jobs import Jobs
 from studio.jobs.records import CANCEL_FILE, CANCELLED, FAILED, FINAL, JOB_FILE, QUEUED, new_token

@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from studio.engine.training import checkpoint_step
+from studio.engine.checkpoints import checkpoint_step
 from studio.jobs.records import CANCEL_FILE, PROGRESS_FILE, QUEUED, RUNNING
 
 if TYPE_CHECKING:
