@@ -103,7 +103,7 @@ def build(api: StudioAPI) -> SimpleNamespace:
             gr.Markdown("### 1 · Reference images")
             ui.refs = gr.File(label="Drop 1–20 images of the style here (PNG, JPEG, WebP…, or a dataset .zip with "
                                     ".txt captions)", file_count="multiple", file_types=["image", ".zip"],
-                              elem_id="ref-images", height=120)
+                              elem_id="ref-images", height=150)
             ui.tiles = gr.State([])  # one dict per dropped picture (reference_tile + key, crop, auto caption)
             ui.typed = gr.State({})  # tile key -> the caption the user typed (always wins)
             ui.caption_job = gr.State({})  # {"id": caption job, "keys": [tile keys in its order], "shown": n}
@@ -118,8 +118,8 @@ def build(api: StudioAPI) -> SimpleNamespace:
                                             interactive=captioner["available"], scale=0, min_width=220)
                 ui.caption_stop = gr.Button("Stop captioning", elem_id="caption-stop", size="sm", visible=False,
                                             variant="stop", scale=0, min_width=140)
-                # min_width: on a phone the note goes under the buttons instead of into a thin column beside them
-                ui.caption_note = gr.Markdown(captions_hint(captioner), elem_id="caption-note", min_width=300)
+            # under the buttons, full width: beside them a long note made a thin column with the button adrift
+            ui.caption_note = gr.Markdown(captions_hint(captioner), elem_id="caption-note")
             with gr.Group(visible=False, elem_id="crop-panel") as ui.crop_panel:
                 ui.crop_key = gr.State("")
                 ui.crop_title = gr.Markdown(elem_id="crop-title", padding=True)
