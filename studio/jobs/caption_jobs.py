@@ -11,24 +11,18 @@ the user's own captions are never replaced (:func:`studio.media.captions.merge_c
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
 
+from studio.engine.checkpoints import write_json
 from studio.errors import InputError
 from studio.media.captions import check_crop, merge_captions
 from studio.media.images import crop_fraction
 
 CAPTIONS_FILE = "captions.json"
 CAPTION_MAX_SIDE = 1024  # the captioner sees 768 px; a stored copy needs no more
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 def apply_crops(images: list[Image.Image], crops: list | None) -> list[Image.Image]:
@@ -52,7 +46,7 @@ def prepare_caption_run(images: list[Image.Image], run_dir: Path) -> list[str]:
         img.thumbnail((CAPTION_MAX_SIDE, CAPTION_MAX_SIDE), Image.Resampling.LANCZOS)
         names.append(f"cap_{i:02d}.png")
         img.save(refs / names[-1])
-    _write_json(run_dir / CAPTIONS_FILE, {"captions": [None] * len(names), "done": 0, "total": len(names)})
+    write_json(run_dir / CAPTIONS_FILE, {"captions": [None] * len(names), "done": 0, "total": len(names)})
     return names
 
 
@@ -68,8 +62,9 @@ def read_caption_result(run_dir: Path) -> dict:
 
 
 def run_caption_job(run_dir: Path, style_prompt: str, captioner, check: Callable[[], None],
-                    say: Callable[[str], None]) -> list[str | None]:
-    """The worker's part of a caption job: caption every picture, writing the result after each one."""
+                    on_progress: Callable[[int, int], None]) -> list[str | None]:
+    """The worker's part of a caption job: caption every picture, writing the result after each one
+    (``on_progress(done, total)`` after each picture too)."""
     names = json.loads((run_dir / "job.json").read_text())["request"]["references"]
     images = [Image.open(run_dir / "references" / n).convert("RGB") for n in names]
     result = {"captions": [None] * len(names), "done": 0, "total": len(names), "model": captioner.source}
@@ -77,8 +72,8 @@ def run_caption_job(run_dir: Path, style_prompt: str, captioner, check: Callable
     def progress(done: int, total: int, caption: str | None) -> None:
         result["captions"][done - 1] = caption
         result["done"] = done
-        _write_json(run_dir / CAPTIONS_FILE, result)
-        say(f"captioned {done} of {total} picture(s)")
+        write_json(run_dir / CAPTIONS_FILE, result)
+        on_progress(done, total)
 
     out: list[str | None] = []
     for i, image in enumerate(images):
@@ -91,7 +86,7 @@ def run_caption_job(run_dir: Path, style_prompt: str, captioner, check: Callable
 def mark_auto_caption(run_dir: Path) -> None:
     """Ask the worker to caption this training's uncaptioned references before it trains."""
     path = run_dir / "request.json"
-    _write_json(path, {**json.loads(path.read_text()), "auto_caption": "pending"})
+    write_json(path, {**json.loads(path.read_text()), "auto_caption": "pending"})
 
 
 def caption_training_references(run_dir: Path, captioner_factory: Callable[[], object],
@@ -114,5 +109,5 @@ def caption_training_references(run_dir: Path, captioner_factory: Callable[[], o
             image = Image.open(run_dir / "references" / request["references"][i]).convert("RGB")
             auto[i] = captioner.caption([image], request["style_prompt"])[0]
     merged = merge_captions(captions, auto, len(captions))
-    _write_json(path, {**request, "captions": merged, "auto_captions": auto, "auto_caption": "done"})
+    write_json(path, {**request, "captions": merged, "auto_captions": auto, "auto_caption": "done"})
     return merged

@@ -134,8 +134,3 @@ def settings(jobs: Jobs, job_id: str) -> dict:
     return {"id": job_id, "name": record.get("name"), "style_prompt": record.get("style_prompt") or "",
             "backbone": record.get("backbone"), "recipe": dict(request.get("recipe") or {}),
             "captions": list(request.get("captions") or []), "references": refs}
-
-
-def ended_with_checkpoint(status: dict) -> bool:
-    """Whether a job status allows resuming / saving from a checkpoint (the Jobs view's buttons)."""
-    return status["kind"] == "train" and status["state"] in (CANCELLED, FAILED) and bool(status.get("checkpoint_step"))

@@ -330,12 +330,11 @@ class Worker:
         check()
         captioner = self._captioner(job_id, token)
 
-        def say(message: str) -> None:
-            done = int(message.split()[1]) if message.startswith("captioned ") else 0
+        def progress(done: int, total: int) -> None:
             write_json(folder / J.PROGRESS_FILE, {"step": done, "total": total, "updated": time.time()})
-            self._note(job_id, token, message=message)
+            self._note(job_id, token, message=f"captioned {done} of {total} picture(s)")
 
-        captions = run_caption_job(folder, record.get("style_prompt") or "", captioner, check, say)
+        captions = run_caption_job(folder, record.get("style_prompt") or "", captioner, check, progress)
         self._finish(job_id, token, J.DONE, message=f"{sum(1 for c in captions if c)} of {total} picture(s) captioned")
 
     def _caption_training(self, record: dict, token: str) -> None:
