@@ -458,7 +458,7 @@ def _list_jobs(jobs, args: argparse.Namespace) -> int:
 
     from studio.checks import strict_int
 
-    rows = jobs.list_jobs(args.kind, limit=strict_int(args.n, "-n", 1, 500))
+    rows = jobs.list_jobs(args.kind, limit=strict_int(args.n, "-n", 1, 500), brief=True)
     keys = ("id", "kind", "state", "name", "step", "total_steps", "checkpoint_step", "duration_s", "started",
             "template_id", "error", "message")
     if args.json:

@@ -289,3 +289,16 @@ def test_job_settings_carry_the_references_and_their_captions_back_to_the_form(j
     assert [caption for _, caption in unpacked] == ["a red square", None]
     plain = api.job_settings(jobs.submit_train([image], "red poster", "Plain", recipe=QUICK))
     assert plain["dataset"] is None and len(plain["references"]) == 1  # no captions: the files themselves
+
+
+def test_brief_listings_have_the_same_keys_without_the_curves(jobs, image):
+    """Lists that are polled (the Jobs tab, the history) skip reading loss curves and previews."""
+    job_id = jobs.submit_train([image], "red poster", "Brief", recipe=QUICK)
+    run = jobs.job_dir(job_id)
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5, "t": [0.9]}\n')
+    (run / "previews").mkdir(exist_ok=True)
+    (run / "previews" / "step_0000_p0.png").write_bytes(b"")
+    full = next(s for s in jobs.list_jobs("train") if s["id"] == job_id)
+    brief = next(s for s in jobs.list_jobs("train", brief=True) if s["id"] == job_id)
+    assert set(brief) == set(full) == STATUS_KEYS
+    assert full["losses"] == [0.5] and full["previews"] and brief["losses"] == [] and brief["previews"] == []

@@ -206,7 +206,7 @@ class Generation:
         template_id = (text(template_id, "template id", optional=True) or "").strip() or None
         limit = 24 if limit is None else strict_int(limit, "limit", 1, MAX_HISTORY)
         out: list[dict] = []
-        for status in self.jobs.list_jobs("generate", states=DONE, limit=HISTORY_SCAN):
+        for status in self.jobs.list_jobs("generate", states=DONE, limit=HISTORY_SCAN, brief=True):
             request = status.get("request") or {}
             if template_id is not None and request.get("template_id") != template_id:
                 continue

@@ -273,7 +273,8 @@ class StudioAPI(Generation):
         if kind not in (None, "train", "generate"):
             raise InputError(f"kind must be train or generate (or empty for all), not {kind[:40]!r}")
         limit = 100 if limit is None else strict_int(limit, "limit", 1, MAX_JOB_ROWS)
-        return [{k: status.get(k) for k in JOB_ROW_KEYS} for status in self.jobs.list_jobs(kind, limit=limit)]
+        rows = self.jobs.list_jobs(kind, limit=limit, brief=True)  # polled by the Jobs tab: no loss curves
+        return [{k: status.get(k) for k in JOB_ROW_KEYS} for status in rows]
 
     def resume_job(self, job_id: str) -> dict:
         """Queue a cancelled or failed training again, from its last checkpoint; returns its status."""

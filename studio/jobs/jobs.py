@@ -237,14 +237,15 @@ class Jobs:
         return self._status(record, order, online=bool(self.workers()) if record["state"] == QUEUED else True)
 
     def list_jobs(self, kind: str | None = None, states: str | Iterable[str] | None = None,
-                  limit: int = 50) -> list[dict]:
-        """Newest first: the status dicts of the jobs of this kind / in these states."""
+                  limit: int = 50, brief: bool = False) -> list[dict]:
+        """Newest first: the status dicts of the jobs of this kind / in these states (``brief``: without the
+        loss curves and previews, for lists that are polled)."""
         wanted = {states} if isinstance(states, str) else set(states) if states else None
         records = [r for r in self._records() if (kind is None or r["kind"] == kind)
                    and (wanted is None or r["state"] in wanted)]
         records.sort(key=lambda r: r.get("created_ts", 0), reverse=True)
         order, online = self._queue_order(), bool(self.workers())
-        return [self._status(r, order, online) for r in records[: max(0, int(limit))]]
+        return [self._status(r, order, online, brief) for r in records[: max(0, int(limit))]]
 
     def active_job(self, kind: str = "train") -> dict | None:
         """The running job of this kind, else the most recently queued one, else None.
@@ -505,8 +506,8 @@ class Jobs:
 
     # -- the status dict -----------------------------------------------------------------------
 
-    def _status(self, record: dict, queue_order: list[str], online: bool) -> dict:
-        return job_status(self, record, queue_order, online)
+    def _status(self, record: dict, queue_order: list[str], online: bool, brief: bool = False) -> dict:
+        return job_status(self, record, queue_order, online, brief)
 
 
 # -- helpers ---------------------------------------------------------------------------------

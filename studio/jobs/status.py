@@ -23,13 +23,17 @@ if TYPE_CHECKING:
 _PREVIEW_RE = re.compile(r"^step_(\d+)_p(\d+)\.png$")
 
 
-def job_status(jobs: Jobs, record: dict, queue_order: list[str], online: bool) -> dict:
-    """Everything a page shows of one job (see :meth:`studio.jobs.jobs.Jobs.status` for the keys)."""
+def job_status(jobs: Jobs, record: dict, queue_order: list[str], online: bool, brief: bool = False) -> dict:
+    """Everything a page shows of one job (see :meth:`studio.jobs.jobs.Jobs.status` for the keys).
+
+    ``brief`` (lists of many jobs, polled): the same keys, but the loss curve, the sampled ``t`` and the
+    previews are left empty instead of read from the job's folder."""
     job_id = record["id"]
     folder = jobs.job_dir(job_id)
     progress = _read_json(folder / PROGRESS_FILE) or {}
     request = record.get("request") or {}
-    losses, ts = ([], []) if record["kind"] != "train" else _read_metrics(folder / "metrics.jsonl")
+    reads_curves = record["kind"] == "train" and not brief
+    losses, ts = _read_metrics(folder / "metrics.jsonl") if reads_curves else ([], [])
     if record["kind"] == "train":
         total = int(progress.get("total") or (request.get("recipe") or {}).get("steps") or 0)
     else:
@@ -41,7 +45,7 @@ def job_status(jobs: Jobs, record: dict, queue_order: list[str], online: bool) -
         "backbone": record.get("backbone"), "template_id": record.get("template_id"),
         "created": record.get("created"), "started": record.get("started"), "finished": record.get("finished"),
         "step": int(progress.get("step") or (len(losses) if losses else 0)), "total_steps": total,
-        "losses": losses, "t": ts, "previews": _read_previews(folder / "previews"),
+        "losses": losses, "t": ts, "previews": [] if brief else _read_previews(folder / "previews"),
         "queue_position": position, "eta_s": progress.get("eta_s") if record["state"] == RUNNING else None,
         "sec_per_step": progress.get("sec_per_step"), "peak_mem": progress.get("peak_mem"),
         "outputs": [str(folder / "outputs" / n) for n in record.get("outputs") or []],
