@@ -1,10 +1,9 @@
 """benchmarks/gpu_check.py: the smoke run on the CPU prints every table; the in-memory build and the budget."""
 
 import importlib.util
-import os
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,25 +23,47 @@ HEADERS = [
 
 
 @pytest.fixture(scope="module")
-def gpu_check():
-    """The script as a module (it puts benchmarks/ on sys.path for bench_train itself)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def gpu_check() -> Iterator[object]:
+    """The script as a module; afterwards this process's sys.path and sys.modules are as before, for the
+    other modules it runs."""
+    path, fresh = list(sys.path), "bench_train" not in sys.modules
+    with pytest.MonkeyPatch.context() as mp:
+        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        mp.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module
+    for entry in (str(ROOT), str(SCRIPT.parent)):  # the script and bench_train put these first on sys.path
+        while sys.path.count(entry) > path.count(entry):
+            sys.path.remove(entry)  # the first one: an entry that was there before stays
+    if fresh:
+        sys.modules.pop("bench_train", None)
+
+
+@pytest.fixture()
+def script_state(monkeypatch) -> Iterator[None]:
+    """What a run of the script in this process changes, given back to later tests: sys.argv, the torch
+    thread count (it sets one), the global RNG and torch.compile's caches (its compile section)."""
+    import torch._dynamo  # the compile section imports it anyway
+
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT)])  # its parser's usage line names the script
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()  # its compiled tiny blocks must not count against another test's recompile limit
 
 
 @pytest.mark.slow  # about a minute on two cores
-def test_smoke_run_prints_every_table(tiny_folder):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def test_smoke_run_prints_every_table(gpu_check, tiny_folder, capfd, script_state):
+    # In this process: `python benchmarks/gpu_check.py` is `sys.exit(main())`, and a second interpreter
+    # would only add ~10 CPU-seconds of imports. The script sets one torch thread itself on the CPU, as
+    # OMP_NUM_THREADS=1 did; conftest.py set HF_HUB_OFFLINE.
     # Two tiers (plain and quantised) at one size keep it short; the other tiers' builds are tested below
     # and their training in tests/test_memory.py.
-    run = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--tiers", "bf16,nf4", "--sizes", "64",
-                          "--steps", "2", "--warmup", "1"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
-    out = run.stdout
+    code = gpu_check.main(["--tiny", "--tiers", "bf16,nf4", "--sizes", "64", "--steps", "2", "--warmup", "1"])
+    out, err = capfd.readouterr()
+    assert code == 0, err[-4000:]
     for header in HEADERS:
         assert header in out, header
     assert "not a GPU: smoke run" in out
