@@ -103,6 +103,46 @@ def start_app(root: Path, **kw) -> RunningApp:
     return app
 
 
+# -- the app shared by the API and browser test modules ------------------------------------------------
+
+SHARED_MAX_UPLOAD_MB = 2  # small, so tests/test_app_api.py can prove an over-size upload is refused
+SHARED_OOM = "Doomed Blobs:3"  # test-only hook (studio.jobs.worker): step 3 of "Doomed Blobs" runs out of memory
+
+
+def start_shared_app(root: Path, metric_env: dict[str, str], captioner: Path) -> RunningApp:
+    """The one app (web process and worker) the API and browser modules share: starting one costs ~20 CPU-seconds
+    of imports, so the suite starts it once. Its settings are the union of what those modules need: the tiny
+    metric models (scores, search, refine), the tiny captioner, the out-of-memory hook, a 2 MB upload limit."""
+    return start_app(root, extra_args=["--max-upload-mb", str(SHARED_MAX_UPLOAD_MB)],
+                     env={**metric_env, "STUDIO_CAPTION_MODEL": str(captioner), "STUDIO_TEST_OOM": SHARED_OOM})
+
+
+def empty_studio(app: RunningApp, timeout: float = 180) -> None:
+    """Wait until no job is queued or running, then delete every job and template through the public API, so a
+    module starts on an empty studio, as with an app of its own."""
+    from gradio_client import Client
+
+    client = Client(app.url, verbose=False, analytics_enabled=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = client.predict("", 500, api_name="/jobs")
+            if not [r for r in rows if r["state"] in ("queued", "running")]:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"jobs still running after {timeout:.0f}s: {rows}\n{app.tail()}")
+            time.sleep(0.3)
+        while rows:
+            for row in rows:
+                client.predict(row["id"], api_name="/delete_job")
+            rows = client.predict("", 500, api_name="/jobs")
+        while page := client.predict("", 0, 200, api_name="/templates")["templates"]:
+            for template in page:
+                client.predict(template["id"], api_name="/delete_template")
+    finally:
+        client.close()
+
+
 def wait_done(client, job_id: str, timeout: float = 180, ok: bool = False) -> dict:
     """Poll ``/job_status`` until the job ends and return its last status (``ok``: it must have succeeded)."""
     deadline = time.monotonic() + timeout

@@ -8,7 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from app_helpers import start_app, wait_done
+from app_helpers import SHARED_MAX_UPLOAD_MB, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -21,15 +21,12 @@ ENDPOINTS = {"/train", "/job_status", "/cancel", "/templates", "/template", "/ge
              "/generation_history", "/inspect_references", "/auto_caption", "/caption_status", "/captioner_status"}
 
 FAST = {"steps": 12, "preview_every": 6, "grad_accum": 1, "rank": 4}
-MAX_UPLOAD_MB = 2
+MAX_UPLOAD_MB = SHARED_MAX_UPLOAD_MB  # the shared app's --max-upload-mb
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder):
-    root = tmp_path_factory.mktemp("app")
-    running = start_app(root, extra_args=["--max-upload-mb", str(MAX_UPLOAD_MB)])
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app
 
 
 @pytest.fixture(scope="module")
@@ -315,8 +312,9 @@ def test_the_gallery_shows_a_page_at_a_time(tmp_path):
     jobs.queue.close()
 
 
+@pytest.mark.stops_shared_app
 def test_ctrl_c_stops_the_app_and_its_worker(app):
-    """Last in this file (it stops the module's app): Ctrl-C ends the web process, which stops its worker."""
+    """Last of all (it stops the shared app): Ctrl-C ends the web process, which stops its worker."""
     import os
 
     status = next((app.root / "runs" / ".workers").glob("*.json"))

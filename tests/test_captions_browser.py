@@ -14,7 +14,6 @@ import re
 from pathlib import Path
 
 import pytest
-from app_helpers import start_app
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # starts the app and its worker
@@ -28,14 +27,8 @@ STYLE = "bold poster art"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder):
-    from studio.engine.captioner import build_tiny_captioner
-
-    root = tmp_path_factory.mktemp("captions")
-    captioner = build_tiny_captioner(root / "captioner")
-    running = start_app(root, env={"STUDIO_CAPTION_MODEL": str(captioner)})
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app  # it has the tiny random-weight Florence-2 captioner
 
 
 def references(folder: Path) -> list[str]:

@@ -14,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from app_helpers import start_app
 from PIL import Image
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
@@ -27,11 +26,10 @@ except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt);
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder):
-    # Test-only hook (studio.jobs.worker._test_oom_hook): step 3 of "Doomed Blobs" runs out of memory.
-    running = start_app(tmp_path_factory.mktemp("e2e"), env={"STUDIO_TEST_OOM": "Doomed Blobs:3"})
-    yield running
-    running.kill()
+def app(studio_app):
+    # The shared app has the test-only hook (studio.jobs.worker._test_oom_hook): step 3 of "Doomed Blobs" runs
+    # out of memory.
+    return studio_app
 
 
 def refs(tmp_path: Path) -> list[str]:

@@ -1,10 +1,10 @@
 """The evaluation harness on the tiny backbone: the CI smoke run, resuming, styles folders, configurations."""
 
 import csv
+import io
 import json
 import shutil
-import subprocess
-import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,7 +16,7 @@ from studio.styles import eval_report, evaluate
 from studio.styles.eval_config import PAPER_PROMPTS, EvalSettings, parse_config, resolve_configs
 from studio.styles.eval_report import write_reports
 from studio.styles.evaluate import Evaluation, run_evaluation, settings_from_args
-from studio.styles.metrics import StyleScorer, build_tiny_metric_models
+from studio.styles.metrics import StyleScorer
 from studio.styles.style_sets import load_styles
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
@@ -26,23 +26,31 @@ UNITS = ["flat_cartoon/sd3", "flat_cartoon/style_friendly", "watercolor/sd3", "w
 
 
 @pytest.fixture(scope="module")
-def metric_models(tmp_path_factory):
-    return build_tiny_metric_models(tmp_path_factory.mktemp("eval-metric-models"))
-
-
-@pytest.fixture(scope="module")
 def smoke(tmp_path_factory, metric_models):
-    """The CI smoke run, as a user types it: two styles x (sd3, style_friendly), 2 prompts x 1 seed."""
+    """The CI smoke run, as a user types it: two styles x (sd3, style_friendly), 2 prompts x 1 seed.
+
+    Through the command's main(argv) in this process (`python -m studio.evaluate` is `sys.exit(main())`,
+    started for real by tests/test_architecture.py): a second interpreter would only add ~10 CPU-seconds of
+    imports. capsys is per test, so the output is caught here.
+    """
+    import torch
+
     out = tmp_path_factory.mktemp("eval") / "out"
     args = ["--backbone", "tiny", "--styles", str(ROOT / "assets" / "eval" / "styles"), "--out", str(out),
             "--configs", "sd3,style_friendly", "--prompts", "2", "--seeds", "1", "--steps", "20",
             "--gen-steps", "4", "--dino-model", str(metric_models[0]), "--clip-model", str(metric_models[1])]
-    proc = subprocess.run([sys.executable, "-m", "studio.evaluate", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str(out / "table.md")
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()  # the tiny backbone it loads sets one thread; later modules get theirs back
+    try:
+        with (pytest.MonkeyPatch.context() as mp, torch.random.fork_rng(devices=[]),
+              redirect_stdout(stdout), redirect_stderr(stderr)):
+            mp.chdir(ROOT)
+            code = evaluate.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, stderr.getvalue()[-3000:]
+    assert stdout.getvalue().strip() == str(out / "table.md")
     return out, args
-
 
 
 def unit_result(out: Path, unit: str) -> dict:

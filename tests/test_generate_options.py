@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import start_app
 from gradio_client import Client
 from PIL import Image
 
@@ -30,10 +29,8 @@ PLAIN = {"steps": 6, "seed": 4}
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder):
-    running = start_app(tmp_path_factory.mktemp("options"))
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from app_helpers import start_app, wait_done
+from app_helpers import wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 
 from studio.cli import main
 from studio.styles import refine
 from studio.styles.eval_config import PAPER_PROMPTS
-from studio.styles.metrics import StyleScorer, build_tiny_metric_models
+from studio.styles.metrics import StyleScorer
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -44,11 +44,6 @@ def expected_picks(scorer: StyleScorer, candidates: list[Path], prompts: list[st
     order = sorted(range(len(candidates)), key=lambda i: (-score[i], -style[i], i))
     return [candidates[i].name for i in order[:k]]
 
-
-
-@pytest.fixture(scope="module")
-def metric_models(tmp_path_factory) -> tuple[Path, Path]:
-    return build_tiny_metric_models(tmp_path_factory.mktemp("metric-models"))
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +97,8 @@ def test_names_and_recipe_of_a_round(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder, metric_models):
-    dino, clip = metric_models
-    running = start_app(tmp_path_factory.mktemp("refine-app"),
-                        env={"STUDIO_DINO_MODEL": str(dino), "STUDIO_CLIP_MODEL": str(clip)})
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app  # with the tiny metric models (conftest.metric_models)
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from app_helpers import start_app
 from gradio_client import Client, handle_file
 from PIL import Image
-
-from studio.styles.metrics import build_tiny_metric_models
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -28,12 +25,8 @@ except ImportError:  # pragma: no cover - the browser fixture skips (or fails in
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder):
-    root = tmp_path_factory.mktemp("refine-e2e")
-    dino, clip = build_tiny_metric_models(root / "metric-models")  # the card shows scores, as with real models
-    running = start_app(root, env={"STUDIO_DINO_MODEL": str(dino), "STUDIO_CLIP_MODEL": str(clip)})
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app  # it has the tiny metric models: the card shows scores, as with real models
 
 
 def crop_to(path: Path, page, first: str, last: str) -> None:

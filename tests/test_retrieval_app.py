@@ -9,18 +9,15 @@ card's scores; similar.png: the Train tab's "you may already have this style").
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from app_helpers import ROOT, start_app, wait_done
+from app_helpers import start_app, wait_done
 from gradio_client import Client, handle_file
 from PIL import Image
 from test_e2e_browser import expect
-
-from studio.styles.metrics import build_tiny_metric_models
 
 pytestmark = pytest.mark.slow  # starts the app or a worker process
 
@@ -39,9 +36,8 @@ def picture(path: Path, colour, seed: int, size=(96, 80)) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    dino, clip = build_tiny_metric_models(tmp_path_factory.mktemp("metric-models"))
-    return {"STUDIO_DINO_MODEL": str(dino), "STUDIO_CLIP_MODEL": str(clip)}
+def models(metric_env):
+    return metric_env
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +49,8 @@ def images(tmp_path_factory) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory, tiny_folder, models):
-    running = start_app(tmp_path_factory.mktemp("retrieval-app"), env=models)
-    yield running
-    running.kill()
+def app(studio_app):
+    return studio_app  # with the tiny metric models (conftest.metric_env)
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +82,27 @@ def error_of(client, *args, api_name) -> str:
     return str(info.value)
 
 
-def cli(store: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if env is None:
-        full.pop("STUDIO_DINO_MODEL", None)
-        full.pop("STUDIO_CLIP_MODEL", None)
-    return subprocess.run([sys.executable, "-m", "studio", "--store", str(store), "templates", *args], cwd=ROOT,
-                          env=full, capture_output=True, text=True, timeout=300)
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """``python -m studio --store STORE templates ...`` run in this process, as a fresh one: only ``env`` names the
+    metric models, and no scorer is left from an earlier call (the entry point itself: tests/test_architecture.py)."""
+    from studio.cli import main
+    from studio.styles.metrics import CLIP_ENV, DINO_ENV, default_scorer
+
+    def run(store: Path, *args: str, env: dict[str, str] | None = None) -> SimpleNamespace:
+        for key in (DINO_ENV, CLIP_ENV):
+            if env and key in env:
+                monkeypatch.setenv(key, env[key])
+            else:
+                monkeypatch.delenv(key, raising=False)
+        default_scorer.cache_clear()
+        capsys.readouterr()
+        code = main(["--store", str(store), "templates", *args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    yield run
+    default_scorer.cache_clear()
 
 
 # -- API -------------------------------------------------------------------------------------------
@@ -146,7 +154,7 @@ def test_a_template_that_goes_leaves_the_index(client, templates, images):
 # -- CLI (against the app's store) -----------------------------------------------------------------
 
 
-def test_cli_search_and_scores(app, templates, images, models):
+def test_cli_search_and_scores(app, templates, images, models, cli):
     store = app.root / "templates_store"
     out = cli(store, "search", "--image", images["blue_query"][0], "-k", "2", env=models)
     assert out.returncode == 0, out.stderr
