@@ -81,6 +81,7 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("stops_shared_app") is not None)  # stable: order kept
 
 
+@pytest.hookimpl(optionalhook=True)  # known only with pytest-xdist loaded (not with -p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadfile``, except that the shared-app modules form one unit (one test process, one app start).
 
