@@ -57,15 +57,16 @@ def shared_app(tmp_path_factory, tiny_folder, metric_env):
 
 
 @pytest.fixture(scope="module")
-def studio_app(shared_app):
-    """The shared app, emptied of the jobs and templates earlier modules made."""
+def app(shared_app):
+    """The running app of an API or browser module: the shared app (it has the tiny metric models, the tiny
+    captioner and the OOM hook), emptied of the jobs and templates earlier modules made."""
     from app_helpers import empty_studio
 
     empty_studio(shared_app)
     return shared_app
 
 
-# The modules that use the shared app (the ``studio_app`` fixture). The scheduler below runs them in one test
+# The modules that use the shared app (the ``app`` fixture). The scheduler below runs them in one test
 # process, so the app starts once; a module that uses it must be listed (checked at collection).
 SHARED_APP_MODULES = {"tests/test_app_api.py", "tests/test_captions_browser.py", "tests/test_e2e_browser.py",
                       "tests/test_generate_options.py", "tests/test_refine.py", "tests/test_refine_browser.py",
@@ -75,7 +76,7 @@ SHARED_APP_MODULES = {"tests/test_app_api.py", "tests/test_captions_browser.py",
 def pytest_collection_modifyitems(config, items):
     """A test that stops the shared app (``@pytest.mark.stops_shared_app``) runs last; every module that uses the
     shared app is in SHARED_APP_MODULES."""
-    unlisted = {item.nodeid.split("::")[0] for item in items if "studio_app" in item.fixturenames} - SHARED_APP_MODULES
+    unlisted = {item.nodeid.split("::")[0] for item in items if "app" in item.fixturenames} - SHARED_APP_MODULES
     if unlisted:
         raise pytest.UsageError(f"add {sorted(unlisted)} to SHARED_APP_MODULES in tests/conftest.py")
     items.sort(key=lambda item: item.get_closest_marker("stops_shared_app") is not None)  # stable: order kept

@@ -25,11 +25,6 @@ MAX_UPLOAD_MB = SHARED_MAX_UPLOAD_MB  # the shared app's --max-upload-mb
 
 
 @pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app
-
-
-@pytest.fixture(scope="module")
 def client(app):
     c = Client(app.url, verbose=False, analytics_enabled=False)
     yield c

@@ -26,11 +26,6 @@ except ImportError:  # pragma: no cover - the browser fixture skips
 STYLE = "bold poster art"
 
 
-@pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app  # it has the tiny random-weight Florence-2 captioner
-
-
 def references(folder: Path) -> list[str]:
     out = []
     for i, (a, b) in enumerate([((230, 120, 40), (40, 90, 200)), ((250, 220, 90), (200, 40, 80)),

@@ -25,13 +25,6 @@ except ImportError:  # pragma: no cover - CI installs it (requirements-dev.txt);
     sync_playwright = None
 
 
-@pytest.fixture(scope="module")
-def app(studio_app):
-    # The shared app has the test-only hook (studio.jobs.worker._test_oom_hook): step 3 of "Doomed Blobs" runs
-    # out of memory.
-    return studio_app
-
-
 def refs(tmp_path: Path) -> list[str]:
     out = []
     for i, (a, b) in enumerate([((230, 120, 40), (40, 90, 200)), ((250, 220, 90), (200, 40, 80))]):

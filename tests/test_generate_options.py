@@ -29,11 +29,6 @@ PLAIN = {"steps": 6, "seed": 4}
 
 
 @pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app
-
-
-@pytest.fixture(scope="module")
 def api(app) -> StudioAPI:
     root = app.root
     settings = Settings(runs_dir=root / "runs", store_dir=root / "templates_store",

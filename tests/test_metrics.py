@@ -12,20 +12,15 @@ from transformers import CLIPModel, CLIPTokenizer, ViTModel
 from studio.engine.recipe import Recipe
 from studio.engine.training import TrainRequest, prepare_run, train
 from studio.errors import StudioError
-from studio.styles.metrics import StyleScorer, build_tiny_metric_models, score_template
+from studio.styles.metrics import StyleScorer, score_template
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CLIP_STATS = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_tiny_metric_models(tmp_path_factory.mktemp("metric-models"))
-
-
-@pytest.fixture(scope="module")
-def scorer(models):
-    return StyleScorer(*models, device="cpu")
+def scorer(metric_models):
+    return StyleScorer(*metric_models, device="cpu")
 
 
 def picture(seed: int, size=(96, 80)) -> Image.Image:
@@ -86,8 +81,8 @@ def test_features_are_normalised_and_batched(scorer):
     assert torch.allclose(texts[0], scorer.embed_texts(["a cow"])[0], atol=1e-5)
 
 
-def test_scores_match_hand_computed_cosines(scorer, models):
-    dino_dir, clip_dir = models
+def test_scores_match_hand_computed_cosines(scorer, metric_models):
+    dino_dir, clip_dir = metric_models
     image, refs = picture(3), [picture(4, (64, 120)), picture(5)]
     result = scorer.score([image], refs, ["a red boat"], ["a red boat in flat cartoon style"])
 
@@ -117,7 +112,7 @@ def test_scores_match_hand_computed_cosines(scorer, models):
     assert result["dino"] == pytest.approx(sum(singles) / 2, abs=1e-6)
 
 
-def test_preprocessing_follows_the_folder_configs(scorer, models):
+def test_preprocessing_follows_the_folder_configs(scorer, metric_models):
     """Pixel-exact: DINO squashes to 224 x 224, CLIP crops the centre (the hub configs; PIL backend)."""
     scorer.load()
     img = picture(6, (200, 90))
@@ -128,8 +123,8 @@ def test_preprocessing_follows_the_folder_configs(scorer, models):
     assert torch.allclose(clip_px, clip_pixels(img), atol=1e-5)
 
 
-def test_availability_messages(models, tmp_path, monkeypatch):
-    dino_dir, clip_dir = models
+def test_availability_messages(metric_models, tmp_path, monkeypatch):
+    dino_dir, clip_dir = metric_models
     ok, reason = StyleScorer(tmp_path / "missing", clip_dir).available()
     assert not ok and "does not exist" in reason and "STUDIO_DINO_MODEL" in reason
 
@@ -200,11 +195,12 @@ def test_score_template_uses_final_previews(template, scorer):
         assert -1 <= result[key] <= 1
 
 
-def test_score_template_says_why_not(template, models, tmp_path):
-    result = score_template(template, StyleScorer(tmp_path / "nope", models[1]))
+def test_score_template_says_why_not(template, metric_models, tmp_path):
+    result = score_template(template, StyleScorer(tmp_path / "nope", metric_models[1]))
     assert set(result) == {"unavailable"} and "does not exist" in result["unavailable"]
     bare = tmp_path / "bare"
     bare.mkdir()
     meta = json.loads((template / "template.json").read_text())
     (bare / "template.json").write_text(json.dumps({**meta, "previews": []}))
-    assert score_template(bare, StyleScorer(*models)) == {"unavailable": "this template has no previews to score"}
+    assert score_template(bare, StyleScorer(*metric_models)) == \
+        {"unavailable": "this template has no previews to score"}

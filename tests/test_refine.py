@@ -97,11 +97,6 @@ def test_names_and_recipe_of_a_round(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app  # with the tiny metric models (conftest.metric_models)
-
-
-@pytest.fixture(scope="module")
 def client(app):
     c = Client(app.url, verbose=False, analytics_enabled=False)
     yield c

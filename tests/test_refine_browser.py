@@ -24,11 +24,6 @@ except ImportError:  # pragma: no cover - the browser fixture skips (or fails in
     expect = None
 
 
-@pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app  # it has the tiny metric models: the card shows scores, as with real models
-
-
 def crop_to(path: Path, page, first: str, last: str) -> None:
     """Crop a full-page screenshot to the band from element ``first`` to the end of ``last``."""
     top, bottom = page.evaluate(

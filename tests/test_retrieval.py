@@ -23,13 +23,8 @@ RED, BLUE, GREEN = (215, 40, 35), (35, 50, 210), (40, 190, 60)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    return build_tiny_metric_models(tmp_path_factory.mktemp("metric-models"))
-
-
-@pytest.fixture(scope="module")
-def scorer(models):
-    return StyleScorer(*models, device="cpu")
+def scorer(metric_models):
+    return StyleScorer(*metric_models, device="cpu")
 
 
 @pytest.fixture

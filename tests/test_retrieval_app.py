@@ -36,21 +36,11 @@ def picture(path: Path, colour, seed: int, size=(96, 80)) -> str:
 
 
 @pytest.fixture(scope="module")
-def models(metric_env):
-    return metric_env
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, list[str]]:
     folder = tmp_path_factory.mktemp("pictures")
     return {name: [picture(folder / f"{name}_{i}.png", colour, seed + i) for i in range(2)]
             for name, colour, seed in (("red", RED, 1), ("blue", BLUE, 11), ("red_query", RED, 21),
                                        ("blue_query", BLUE, 31))}
-
-
-@pytest.fixture(scope="module")
-def app(studio_app):
-    return studio_app  # with the tiny metric models (conftest.metric_env)
 
 
 @pytest.fixture(scope="module")
@@ -154,15 +144,15 @@ def test_a_template_that_goes_leaves_the_index(client, templates, images):
 # -- CLI (against the app's store) -----------------------------------------------------------------
 
 
-def test_cli_search_and_scores(app, templates, images, models, cli):
+def test_cli_search_and_scores(app, templates, images, metric_env, cli):
     store = app.root / "templates_store"
-    out = cli(store, "search", "--image", images["blue_query"][0], "-k", "2", env=models)
+    out = cli(store, "search", "--image", images["blue_query"][0], "-k", "2", env=metric_env)
     assert out.returncode == 0, out.stderr
     lines = [line.split("\t") for line in out.stdout.splitlines()]
     assert [row[1] for row in lines] == [templates["blue"], templates["red"]] and float(lines[0][0]) > 0.9
-    out = cli(store, "search", "crimson", env=models)
+    out = cli(store, "search", "crimson", env=metric_env)
     assert out.returncode == 0 and out.stdout.splitlines()[0].split("\t")[1] == templates["red"]
-    out = cli(store, "scores", templates["red"], env=models)
+    out = cli(store, "scores", templates["red"], env=metric_env)
     assert out.returncode == 0, out.stderr
     assert [line.split("\t")[0] for line in out.stdout.splitlines()] == ["dino", "clip_i", "clip_t", "clip_t_full"]
     # without the metric models: names still work, the rest says why

@@ -19,11 +19,11 @@ def test_shared_app_modules_run_in_one_process_and_the_stopping_test_last(tmp_pa
     tests.mkdir()
     shutil.copy(HERE / "conftest.py", tests / "conftest.py")
     (tmp_path / "pyproject.toml").write_text('[tool.pytest.ini_options]\nmarkers = ["stops_shared_app: last"]\n')
-    body = "import pytest\n\n\n@pytest.fixture\ndef studio_app():\n    return None\n\n\n"
+    body = "import pytest\n\n\n@pytest.fixture\ndef app():\n    return None\n\n\n"
     for module in SHARED_APP_MODULES:
         stem = Path(module).stem
-        (tmp_path / module).write_text(body + "".join(f"def test_{i}(studio_app):\n    pass\n\n\n" for i in range(3)) +
-                                       ("@pytest.mark.stops_shared_app\ndef test_stop(studio_app):\n    pass\n"
+        (tmp_path / module).write_text(body + "".join(f"def test_{i}(app):\n    pass\n\n\n" for i in range(3)) +
+                                       ("@pytest.mark.stops_shared_app\ndef test_stop(app):\n    pass\n"
                                         if stem == "test_app_api" else ""))
     for stem in ("test_alpha", "test_beta", "test_gamma"):
         (tests / f"{stem}.py").write_text("".join(f"def test_{i}():\n    pass\n\n\n" for i in range(4)))
